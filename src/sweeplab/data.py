@@ -1,0 +1,191 @@
+"""Dataset registry and the device-resident splits the training loop slices batches from.
+
+Builders return whole train/test arrays; ``load_data`` carves a fixed validation split from the
+training set and moves every split to the device once, as float tensors, so an epoch is a
+``randperm`` and slicing, never a per-sample ``Dataset.__getitem__``.
+"""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from sklearn.datasets import load_digits, make_classification
+from sklearn.model_selection import train_test_split
+from torchvision import datasets as tv_datasets
+
+from sweeplab.errors import ConfigError, require
+from sweeplab.registry import NamedConfig, Registry
+
+
+@dataclasses.dataclass
+class DataConfig(NamedConfig):
+    """Keys every dataset has: how the validation split is carved from the training set."""
+
+    val_size: int = 5000
+    split_seed: int = 0
+
+
+@dataclasses.dataclass
+class Split:
+    """Inputs ``x`` (N x features, float32) and integer labels ``y`` (N), on one device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclasses.dataclass
+class Source:
+    """What a dataset builder returns: whole train and test sets plus how to show a sample."""
+
+    train: Split
+    test: Split
+    classes: list[str]
+    sample_shape: tuple[int, ...]
+    files: list[Path] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Data:
+    """The splits used for one run, all on the run's device."""
+
+    train: Split
+    val: Split
+    test: Split
+    classes: list[str]
+    sample_shape: tuple[int, ...]
+    files: list[Path]
+
+    @property
+    def in_features(self) -> int:
+        return self.train.x.shape[1]
+
+
+DATASETS: Registry[Source] = Registry("data", base=DataConfig)
+
+
+def load_data(cfg: DictConfig, device: torch.device) -> Data:
+    """Build the dataset named by ``cfg.name`` and carve ``cfg.val_size`` validation samples."""
+    source = DATASETS.build(cfg)
+    n_train = len(source.train)
+    require(
+        0 <= cfg.val_size < n_train,
+        "data.val_size",
+        cfg.val_size,
+        f"an integer in [0, {n_train - 1}] ({cfg.name} has {n_train} training samples)",
+    )
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.split_seed))
+    val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
+    full = source.train
+    return Data(
+        train=Split(full.x[train_idx], full.y[train_idx]).to(device),
+        val=Split(full.x[val_idx], full.y[val_idx]).to(device),
+        test=source.test.to(device),
+        classes=source.classes,
+        sample_shape=source.sample_shape,
+        files=source.files,
+    )
+
+
+def _from_numpy(x: np.ndarray, y: np.ndarray) -> Split:
+    return Split(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
+
+
+def _torchvision_split(dataset_cls: type, root: str, train: bool, download: bool) -> tuple[Split, list[str], list[Path]]:
+    """Read one split of an MNIST-format torchvision dataset, turning its failures into advice."""
+    name = dataset_cls.__name__
+    raw = Path(root) / name / "raw"
+    existed = raw.exists()
+    try:
+        ds = dataset_cls(root=root, train=train, download=download)
+    except RuntimeError as exc:
+        if not existed and raw.is_dir() and not any(raw.iterdir()):
+            shutil.rmtree(raw.parent)  # leave no empty folders behind from a failed download
+        files = [Path(url).name.removesuffix(".gz") for url, _ in dataset_cls.resources]
+        if "not found" in str(exc) or "downloading" in str(exc).lower():
+            raise ConfigError(
+                f"{name} not found in {raw}"
+                + (" and it could not be downloaded" if download else " (data.download=false)")
+                + f". Put the files {files} in that folder, point data.root (or the env var "
+                "SWEEPLAB_DATA_DIR) at the folder that holds "
+                f"{name}/raw, or use data=digits, which works offline."
+            ) from exc
+        raise ConfigError(
+            f"Could not read {name} {'training' if train else 'test'} files in {raw}: {exc}. "
+            "A file is truncated or corrupt: replace it with the original "
+            "(or delete it and rerun with data.download=true)."
+        ) from exc
+    x = ds.data.reshape(len(ds.data), -1).float().div_(255)
+    used = [raw / Path(url).name.removesuffix(".gz") for url, _ in dataset_cls.resources]
+    prefix = "train" if train else "t10k"
+    return Split(x, ds.targets.long()), list(ds.classes), [p for p in used if p.name.startswith(prefix)]
+
+
+def _torchvision_source(dataset_cls: type, root: str, download: bool) -> Source:
+    train, classes, train_files = _torchvision_split(dataset_cls, root, True, download)
+    test, _, test_files = _torchvision_split(dataset_cls, root, False, download)
+    return Source(train, test, classes, (1, 28, 28), train_files + test_files)
+
+
+@DATASETS.register("mnist")
+def mnist(*, root: str = "./data", download: bool = True) -> Source:
+    """MNIST handwritten digits (60k train / 10k test, 28x28), read by torchvision."""
+    return _torchvision_source(tv_datasets.MNIST, root, download)
+
+
+@DATASETS.register("fashion_mnist")
+def fashion_mnist(*, root: str = "./data", download: bool = True) -> Source:
+    """Fashion-MNIST clothing images, a harder drop-in for MNIST."""
+    return _torchvision_source(tv_datasets.FashionMNIST, root, download)
+
+
+@DATASETS.register("digits")
+def digits(*, test_size: float = 0.2) -> Source:
+    """scikit-learn's bundled 8x8 digits (1,797 images): works offline, trains in seconds."""
+    require(0 < test_size < 1, "data.test_size", test_size, "a fraction in (0, 1)")
+    bunch = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        bunch.data / 16.0, bunch.target, test_size=test_size, stratify=bunch.target, random_state=0
+    )
+    classes = [str(c) for c in bunch.target_names]
+    return Source(_from_numpy(x_train, y_train), _from_numpy(x_test, y_test), classes, (1, 8, 8))
+
+
+@DATASETS.register("synthetic")
+def synthetic(
+    *,
+    n_samples: int = 600,
+    n_features: int = 16,
+    n_informative: int = 8,
+    n_classes: int = 3,
+    test_size: float = 0.25,
+    seed: int = 0,
+) -> Source:
+    """A tiny ``make_classification`` problem for tests and smoke runs."""
+    require(n_samples >= 20, "data.n_samples", n_samples, "an integer >= 20")
+    require(0 < test_size < 1, "data.test_size", test_size, "a fraction in (0, 1)")
+    require(
+        0 < n_informative <= n_features,
+        "data.n_informative",
+        n_informative,
+        f"an integer in [1, data.n_features={n_features}]",
+    )
+    x, y = make_classification(
+        n_samples=n_samples,
+        n_features=n_features,
+        n_informative=n_informative,
+        n_redundant=0,
+        n_classes=n_classes,
+        random_state=seed,
+    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, random_state=seed)
+    classes = [str(c) for c in range(n_classes)]
+    return Source(_from_numpy(x_train, y_train), _from_numpy(x_test, y_test), classes, (1, n_features))

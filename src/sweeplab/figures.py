@@ -1,0 +1,92 @@
+"""The notebook's figures, as matplotlib ``Figure`` objects (no pyplot state, no display).
+
+Plotting helpers take plain arrays so they work for any model and dataset. Figures with many
+points use fixed margins: a constrained layout draws them twice, doubling the save time.
+"""
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from scipy.signal import savgol_filter
+from sklearn.decomposition import PCA
+from sklearn.metrics import ConfusionMatrixDisplay
+from torchvision.utils import make_grid
+
+from sweeplab.train import History
+
+
+def samples(x: torch.Tensor, y: torch.Tensor, classes: list[str], shape: tuple[int, ...]) -> Figure:
+    """A grid of training samples titled with their labels (the notebook's ``make_grid``)."""
+    n = len(x)
+    ncol = min(n, 8)
+    fig = Figure(figsize=(1.4 * ncol, 1.6 * -(-n // ncol)), layout="constrained")
+    grid = make_grid(x.reshape(n, *shape).cpu(), nrow=ncol, padding=2, pad_value=1.0)
+    ax = fig.add_subplot()
+    ax.imshow(grid[0].numpy(), cmap="gray_r", interpolation="nearest")
+    ax.set_axis_off()
+    labels = [classes[i] for i in y.tolist()]
+    rows = [" ".join(labels[i : i + ncol]) for i in range(0, n, ncol)]
+    ax.set_title("labels, row by row:\n" + "\n".join(rows), fontsize=9)
+    return fig
+
+
+def _smooth(values: np.ndarray) -> np.ndarray | None:
+    """The notebook's Savitzky-Golay filter (window 21, order 3); None for too-short curves."""
+    return savgol_filter(values, 21, 3) if len(values) >= 21 else None
+
+
+def curves(history: History) -> Figure:
+    """Per-step train loss and accuracy, raw and smoothed, with per-epoch validation points."""
+    fig = Figure(figsize=(12, 4.5))
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.11, top=0.96, wspace=0.18)
+    steps = np.arange(1, len(history.step_loss) + 1)
+    panels = [
+        ("cross-entropy loss", history.step_loss, history.val_loss),
+        ("accuracy", history.step_acc, history.val_acc),
+    ]
+    for ax, (label, train, val) in zip(fig.subplots(1, 2), panels):
+        ax.plot(steps, train, color="tab:blue", alpha=0.25, linewidth=0.6, label="train (per step)")
+        smoothed = _smooth(train)
+        if smoothed is not None:
+            ax.plot(steps, smoothed, color="tab:blue", linewidth=1.2, label="train (Savitzky-Golay 21/3)")
+        if val:
+            ax.plot(history.epoch_end_steps, val, "o-", color="tab:orange", label="validation (per epoch)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right" if label.endswith("loss") else "lower right")
+    return fig
+
+
+def pca_scatter(x: np.ndarray, y: np.ndarray, classes: list[str], title: str) -> Figure:
+    """2-D PCA of ``x`` coloured by class, with a legend (the notebook's ``visualization``)."""
+    points = PCA(n_components=2, svd_solver="randomized", random_state=0).fit_transform(x)
+    fig = Figure(figsize=(7.5, 6))
+    fig.subplots_adjust(left=0.1, right=0.8, bottom=0.09, top=0.93)
+    ax = fig.add_subplot()
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=y, cmap="tab10", s=4, alpha=0.7, rasterized=True)
+    handles, _ = scatter.legend_elements(num=None)  # one entry per class, even past 9
+    present = np.unique(y)
+    ax.legend(
+        handles,
+        [classes[i] for i in present],
+        title="class",
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        markerscale=1.5,
+    )
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    return fig
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> Figure:
+    """Test-set confusion matrix with counts, drawn by scikit-learn."""
+    fig = Figure(figsize=(7, 6.5), layout="constrained")
+    ax = fig.add_subplot()
+    ConfusionMatrixDisplay.from_predictions(
+        y_true, y_pred, labels=range(len(classes)), display_labels=classes, ax=ax, colorbar=False
+    )
+    ax.set_title("test confusion matrix")
+    return fig

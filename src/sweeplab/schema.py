@@ -1,0 +1,74 @@
+"""Structured-config schemas for the top level and the groups that are not registry-backed.
+
+Stored in Hydra's ConfigStore so composition rejects unknown keys and wrong types with the full
+key in the message. Value ranges are checked in ``__post_init__``, which runs when the task turns
+the node into an object with ``OmegaConf.to_object`` before anything is trained or tracked.
+"""
+
+import dataclasses
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from sweeplab.errors import require
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """How long and in what batches to train, and how often to log per-step metrics."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 8192
+    log_every_n_steps: int = 50
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
+        require(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
+        require(
+            self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, "an integer >= 1"
+        )
+        require(
+            self.log_every_n_steps >= 1,
+            "trainer.log_every_n_steps",
+            self.log_every_n_steps,
+            "an integer >= 1",
+        )
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    """Where runs go in MLflow and what is logged besides metrics."""
+
+    experiment_name: str = "sweeplab"
+    # None: $MLFLOW_TRACKING_URI if set, else sqlite:///<launch dir>/mlflow.db
+    uri: str | None = None
+    # None: <launch dir>/mlartifacts for experiments this project creates on a local sqlite store
+    artifact_location: str | None = None
+    log_model: bool = True
+    figures: bool = True
+    # points drawn in each PCA scatter (PCA is fitted on the same sample); 0 = all
+    pca_samples: int = 5000
+
+    def __post_init__(self) -> None:
+        require(bool(self.experiment_name), "tracking.experiment_name", self.experiment_name, "a non-empty name")
+        require(self.pca_samples >= 0, "tracking.pca_samples", self.pca_samples, "an integer >= 0")
+
+
+@dataclasses.dataclass
+class Config:
+    """The composed config; registry-backed groups are typed by their option's ``schema/<group>/<name>``."""
+
+    seed: int = 0
+    device: str = "auto"
+    data: Any = MISSING
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+
+ConfigStore.instance().store(name="config_schema", node=Config)

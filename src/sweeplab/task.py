@@ -1,0 +1,129 @@
+"""One experiment, config in, metrics out: build, train, evaluate, track.
+
+A plain function of a composed config and a ``Job``, callable from tests without Hydra's global
+state. Everything that can reject the config (values, device, data, tracking store) runs before
+the MLflow run opens, so a bad config leaves no run behind.
+"""
+
+import contextlib
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sweeplab import figures
+from sweeplab.data import Data, load_data
+from sweeplab.device import resolve_device
+from sweeplab.models import MODELS
+from sweeplab.optimizers import OPTIMIZERS
+from sweeplab.representations import representations
+from sweeplab.schedulers import SCHEDULERS
+from sweeplab.schema import TrackingConfig, TrainerConfig
+from sweeplab.seeding import seed_everything
+from sweeplab.tracking import Job, RunLog, Tracker
+from sweeplab.train import History, evaluate, fit, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+
+class Stopwatch:
+    """Seconds spent per named phase, logged as ``time/<phase>_s``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - started
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{phase}_s": seconds for phase, seconds in self.seconds.items()}
+
+
+def run(cfg: DictConfig, job: Job) -> dict[str, float]:
+    """Train and evaluate the configured model, logging everything to one MLflow run."""
+    watch = Stopwatch()
+    with watch("setup"):
+        trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)
+        tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
+        device = resolve_device(cfg.device)
+        generator = seed_everything(cfg.seed)
+    with watch("data"):
+        data = load_data(cfg.data, device)
+    with watch("setup"):
+        model = MODELS.build(cfg.model, data.in_features, len(data.classes)).to(device)
+        optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
+        per_epoch = steps_per_epoch(len(data.train), trainer)
+        scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
+        tracker = Tracker(tracking, job, dict(os.environ))
+    log.info(
+        "%s on %s: %d train / %d val / %d test samples, %s",
+        cfg.model.name, device, len(data.train), len(data.val), len(data.test), tracker,
+    )
+    with tracker.start_run(cfg, job) as run_log:
+        with watch("tracking"):
+            run_log.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+            hydra_dir = job.output_dir / ".hydra"
+            if hydra_dir.is_dir():
+                run_log.log_folder(hydra_dir, ".hydra")
+        with watch("training"):
+            history = fit(model, data, optimizer, scheduler, trainer, generator, run_log.log_rows)
+        with watch("evaluation"):
+            test = evaluate(model, data.test, trainer.eval_batch_size)
+        results = {"test/loss": test.loss, "test/acc": test.acc}
+        if history.best_val_acc is not None:
+            results["best/val_acc"] = history.best_val_acc
+        with watch("tracking"):
+            run_log.log_metrics(results, step=history.epoch_end_steps[-1])
+        log.info("test/loss %.4f | test/acc %.4f", test.loss, test.acc)
+        if tracking.figures:
+            with watch("figures"):
+                _log_figures(run_log, model, data, history, test.predictions, tracking.pca_samples, cfg.seed)
+        if tracking.log_model:
+            with watch("model_logging"):
+                run_log.log_model(model, data.test.x[:5])
+        run_log.log_metrics(watch.metrics(), step=history.epoch_end_steps[-1])
+    return results
+
+
+def _log_figures(
+    run_log: RunLog,
+    model: torch.nn.Module,
+    data: Data,
+    history: History,
+    test_predictions: torch.Tensor,
+    pca_samples: int,
+    seed: int,
+) -> None:
+    """The notebook's figures: samples, curves, PCA of the input and each hidden layer, confusion."""
+    rng = torch.Generator().manual_seed(seed)
+    n = len(data.train)
+    shown = torch.randperm(n, generator=rng)[:16].to(data.train.x.device)
+    run_log.log_figure(
+        figures.samples(data.train.x[shown], data.train.y[shown], data.classes, data.sample_shape), "samples"
+    )
+    run_log.log_figure(figures.curves(history), "curves")
+    picked = torch.randperm(n, generator=rng)[: pca_samples or n].to(data.train.x.device)
+    x, labels = data.train.x[picked], data.train.y[picked].cpu().numpy()
+    run_log.log_figure(
+        figures.pca_scatter(x.cpu().numpy(), labels, data.classes, f"input space ({len(picked)} samples)"),
+        "pca_input",
+    )
+    for layer, reps in representations(model, x).items():
+        run_log.log_figure(
+            figures.pca_scatter(reps.numpy(), labels, data.classes, f"after {layer} ({len(picked)} samples)"),
+            f"pca_{layer}",
+        )
+    run_log.log_figure(
+        figures.confusion_matrix(data.test.y.cpu().numpy(), test_predictions.cpu().numpy(), data.classes),
+        "confusion_matrix",
+    )

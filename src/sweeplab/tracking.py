@@ -1,0 +1,179 @@
+"""MLflow tracking for one job: where the store is, the experiment, and what a run records.
+
+The store and the experiment are created here, before a run starts, so a job that cannot reach
+its tracking server fails without leaving a run behind. The experiment id is passed explicitly:
+nothing depends on process-global ``set_experiment`` state.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from matplotlib.figure import Figure
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from mlflow.utils.git_utils import get_git_commit
+from omegaconf import DictConfig, OmegaConf
+
+from sweeplab.errors import ConfigError
+from sweeplab.schema import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+
+
+@dataclasses.dataclass
+class Job:
+    """What Hydra knows about the job being run; tests build one by hand."""
+
+    launch_dir: Path
+    output_dir: Path
+    overrides: list[str]
+    choices: dict[str, str]
+    name: str = "default"
+
+
+def tracking_uri(cfg: TrackingConfig, launch_dir: Path, environ: dict[str, str]) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an sqlite file in the launch dir.
+
+    The sqlite path is absolute so every job of a sweep, whatever its working directory, writes
+    to the database that ``mlflow ui`` run in the launch directory shows.
+    """
+    if cfg.uri:
+        return cfg.uri
+    if environ.get(ENV_URI):
+        return environ[ENV_URI]
+    return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
+
+
+def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
+    """Artifacts of a new experiment on an sqlite store go in one folder beside the database."""
+    if cfg.artifact_location:
+        return cfg.artifact_location
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides where artifacts go
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys for nested dicts (``optimizer.lr``); lists stay whole (``model.hidden_dims``)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short digest of the resolved config without ``tracking`` (where results go, not what)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("tracking", None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_params(cfg: DictConfig, job: Job) -> dict[str, Any]:
+    """Every resolved config value by dotted key, plus the chosen option of every group."""
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    groups = {f"choice.{group}": option for group, option in job.choices.items() if not group.startswith("hydra")}
+    return params | groups
+
+
+class Tracker:
+    """An MLflow store with the experiment this job logs to, both known to exist."""
+
+    def __init__(self, cfg: TrackingConfig, job: Job, environ: dict[str, str]) -> None:
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg, job.launch_dir, environ)
+        self.client = MlflowClient(self.uri)
+        try:
+            experiment = self.client.get_experiment_by_name(cfg.experiment_name)
+            self.experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else self.client.create_experiment(
+                    cfg.experiment_name, artifact_location=artifact_location(cfg, self.uri)
+                )
+            )
+        except MlflowException as exc:
+            source = "tracking.uri" if cfg.uri else ENV_URI if environ.get(ENV_URI) else "the default store"
+            raise ConfigError(
+                f"Cannot use the MLflow tracking store {self.uri} (from {source}): "
+                f"{str(exc).splitlines()[0]}. Start that server, fix {source}, or unset "
+                f"{ENV_URI} to log to an sqlite file in the launch directory."
+            ) from exc
+
+    @contextlib.contextmanager
+    def start_run(self, cfg: DictConfig, job: Job) -> Iterator["RunLog"]:
+        """A run that ends FINISHED, or FAILED (KILLED on Ctrl-C) if the block raises."""
+        tags = {
+            "sweeplab.overrides": " ".join(job.overrides),
+            "sweeplab.config_hash": config_hash(cfg),
+        }
+        commit = get_git_commit(str(Path(__file__).parent))
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=job.name, tags=tags) as run:
+            mlflow.log_params(run_params(cfg, job))
+            yield RunLog(self.client, run.info.run_id)
+
+    def __repr__(self) -> str:
+        return f"Tracker({self.uri!r}, experiment {self.cfg.experiment_name!r})"
+
+
+@dataclasses.dataclass
+class RunLog:
+    """Writes metrics, figures, files and the model of one open run."""
+
+    client: MlflowClient
+    run_id: str
+
+    def log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Metrics of many steps in one request."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, step) for step, values in rows for key, value in values.items()]
+        for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000], synchronous=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.log_rows([(step, metrics)])
+
+    def log_figure(self, figure: Figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, f"figures/{name}.png")
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
+    def log_folder(self, folder: Path, path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), path)
+
+    def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        """The model, on CPU, with a signature; ``mlflow.pytorch.load_model`` brings it back.
+
+        Pickled rather than exported with ``torch.export`` ("pt2"): exporting took ~3.7 s per
+        MLP here against 0.06 s, and the pickle loads back as the sweeplab class itself (hidden
+        layers by name included). Loading it needs sweeplab importable.
+        """
+        model = copy.deepcopy(model).cpu().eval()
+        with torch.inference_mode():
+            output = model(example.cpu())
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example.cpu().numpy(), output.numpy()),
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )

@@ -1,0 +1,141 @@
+"""The ``sweeplab`` command as users run it: one run per call, clear errors for bad input."""
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from conftest import FAST, run_cli
+
+
+def _runs(uri: str) -> list[mlflow.entities.Run]:
+    if not Path(uri.removeprefix("sqlite:///")).exists():
+        return []
+    client = mlflow.MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cli_run_records_hydra_choices_and_files(tmp_path: Path, store: str) -> None:
+    result = run_cli([*FAST, "model=logreg", "optimizer.lr=0.1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "test/acc" in result.stdout
+    (logged,) = _runs(store)
+    assert logged.info.status == "FINISHED"
+    assert logged.info.run_name == "data=synthetic,device=cpu,model=logreg,optimizer.lr=0.1,trainer.epochs=2,trainer.log_every_n_steps=2"
+    assert logged.data.params["choice.model"] == "logreg" and logged.data.params["choice.optimizer"] == "sgd"
+    client = mlflow.MlflowClient(store)
+    hydra_files = {a.path for a in client.list_artifacts(logged.info.run_id, ".hydra")}
+    assert hydra_files == {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
+    assert list(tmp_path.glob("outputs/*/*/sweeplab.log"))
+
+
+def test_default_store_is_sqlite_in_the_launch_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = run_cli([*FAST, "tracking.log_model=false", "tracking.figures=false"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (logged,) = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert logged.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+
+
+def test_multirun_gives_one_run_per_job(tmp_path: Path, store: str) -> None:
+    result = run_cli(["-m", *FAST, "tracking.figures=false", "tracking.log_model=false", "model=logreg,mlp"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = _runs(store)
+    assert sorted(r.data.params["model.name"] for r in runs) == ["logreg", "mlp"]
+    assert {r.info.experiment_id for r in runs} != {"0"} and len({r.info.experiment_id for r in runs}) == 1
+
+
+BAD_INPUTS = [
+    (["model=mlpp"], "Could not find 'model/mlpp'", "logreg"),
+    (["foo=1"], "Key 'foo' not in", "+foo=1"),
+    (["optimizer.lr=abc"], "full_key: optimizer.lr", "could not be converted to Float"),
+    (["optimizer.lr=0"], "optimizer.lr=0.0 is invalid", "> 0"),
+    (["optimizer.momentum=1.5"], "optimizer.momentum=1.5 is invalid", "[0, 1)"),
+    (["model.dropout=1.0"], "model.dropout=1.0 is invalid", "[0, 1)"),
+    (["trainer.epochs=0"], "trainer.epochs=0 is invalid", ">= 1"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0 is invalid", ">= 1"),
+    (["data.val_size=70000"], "data.val_size=70000 is invalid", "[0, 449]"),
+    (["device=tpu"], "device='tpu' is invalid", "auto, cpu, cuda, cuda:N or mps"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "names", "valid"), BAD_INPUTS, ids=[b[0][0] for b in BAD_INPUTS])
+def test_bad_input_exits_nonzero_with_one_clear_message(
+    tmp_path: Path, store: str, overrides: list[str], names: str, valid: str
+) -> None:
+    result = run_cli([*FAST, *overrides], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert names in output and valid in output, output
+    assert "Traceback" not in output
+    assert _runs(store) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_gpu_is_refused(tmp_path: Path, store: str) -> None:
+    result = run_cli([*FAST, "device=cuda"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "device=cuda was requested but no CUDA GPU is available" in result.stdout
+    assert "device=auto or device=cpu" in result.stdout
+    assert _runs(store) == []
+
+
+def test_missing_mnist_without_network_says_where_to_put_it(tmp_path: Path, store: str) -> None:
+    root = tmp_path / "empty"
+    root.mkdir()
+    proxy = f"http://127.0.0.1:{_closed_port()}"  # every download attempt fails at once, as offline
+    result = run_cli(
+        ["data=mnist", f"data.root={root}", "device=cpu"],
+        cwd=tmp_path,
+        env={"https_proxy": proxy, "http_proxy": proxy, "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy},
+    )
+    assert result.returncode == 2
+    message = result.stdout
+    assert f"MNIST not found in {root}/MNIST/raw and it could not be downloaded" in message
+    assert "train-images-idx3-ubyte" in message and "SWEEPLAB_DATA_DIR" in message and "data=digits" in message
+    assert list(root.iterdir()) == []  # nothing half-downloaded left behind
+    assert _runs(store) == []
+
+
+def test_truncated_idx_file_is_named(tmp_path: Path, store: str, tiny_mnist: Path) -> None:
+    images = tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    result = run_cli(["data=mnist", f"data.root={tiny_mnist}", "data.val_size=20", "device=cpu"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Could not read MNIST training files" in result.stdout
+    assert "truncated or corrupt" in result.stdout and str(images.parent) in result.stdout
+    assert _runs(store) == []
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    started = time.monotonic()
+    result = run_cli([*FAST], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=120)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2
+    assert f"Cannot use the MLflow tracking store {uri} (from MLFLOW_TRACKING_URI)" in result.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_tiny_mnist_files_train_offline(tmp_path: Path, store: str, tiny_mnist: Path) -> None:
+    """The MNIST path end to end, through torchvision's reader, on IDX files the test wrote."""
+    result = run_cli(
+        ["data=mnist", f"data.root={tiny_mnist}", "data.val_size=20", "model=logreg", "device=cpu",
+         "optimizer.lr=0.1", "trainer.epochs=3", "tracking.log_model=false"],
+        cwd=tmp_path,
+        env={"SWEEPLAB_DATA_DIR": os.devnull},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (logged,) = _runs(store)
+    assert logged.data.metrics["test/acc"] > 0.9
+    assert logged.data.params["data.root"] == str(tiny_mnist)
