@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from sweeplab.cli import CONFIG_DIR
-from sweeplab.tracking import Job
+from sweeplab.job import Job
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPLAB = Path(sys.executable).with_name("sweeplab")

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 # importing the registries stores every group's schema in Hydra's ConfigStore before composition
 from sweeplab import data, models, optimizers, schedulers, schema  # noqa: F401
 from sweeplab.errors import ConfigError
-from sweeplab.tracking import Job
+from sweeplab.job import Job
 
 log = logging.getLogger("sweeplab")
 

@@ -10,23 +10,21 @@ from matplotlib.figure import Figure
 from scipy.signal import savgol_filter
 from sklearn.decomposition import PCA
 from sklearn.metrics import ConfusionMatrixDisplay
-from torchvision.utils import make_grid
 
 from sweeplab.train import History
 
 
 def samples(x: torch.Tensor, y: torch.Tensor, classes: list[str], shape: tuple[int, ...]) -> Figure:
-    """A grid of training samples titled with their labels (the notebook's ``make_grid``)."""
-    n = len(x)
-    ncol = min(n, 8)
-    fig = Figure(figsize=(1.4 * ncol, 1.6 * -(-n // ncol)), layout="constrained")
-    grid = make_grid(x.reshape(n, *shape).cpu(), nrow=ncol, padding=2, pad_value=1.0)
-    ax = fig.add_subplot()
-    ax.imshow(grid[0].numpy(), cmap="gray_r", interpolation="nearest")
-    ax.set_axis_off()
-    labels = [classes[i] for i in y.tolist()]
-    rows = [" ".join(labels[i : i + ncol]) for i in range(0, n, ncol)]
-    ax.set_title("labels, row by row:\n" + "\n".join(rows), fontsize=9)
+    """Training samples in a grid, each titled with its label."""
+    ncol = min(len(x), 8)
+    nrow = -(-len(x) // ncol)
+    fig = Figure(figsize=(1.5 * ncol, 1.7 * nrow))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, hspace=0.35, wspace=0.05)
+    images = x.reshape(len(x), *shape[-2:]).cpu().numpy()
+    for ax, image, label in zip(fig.subplots(nrow, ncol, squeeze=False).flat, images, y.tolist()):
+        ax.imshow(image, cmap="gray_r", interpolation="nearest", aspect="auto")
+        ax.set_title(classes[label], fontsize=9)
+        ax.set_axis_off()
     return fig
 
 
@@ -83,7 +81,8 @@ def pca_scatter(x: np.ndarray, y: np.ndarray, classes: list[str], title: str) ->
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> Figure:
     """Test-set confusion matrix with counts, drawn by scikit-learn."""
-    fig = Figure(figsize=(7, 6.5), layout="constrained")
+    fig = Figure(figsize=(7, 6.5))
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.1, top=0.94)
     ax = fig.add_subplot()
     ConfusionMatrixDisplay.from_predictions(
         y_true, y_pred, labels=range(len(classes)), display_labels=classes, ax=ax, colorbar=False

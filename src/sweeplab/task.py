@@ -25,25 +25,35 @@ from sweeplab.representations import representations
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import TrackingConfig, TrainerConfig
 from sweeplab.seeding import seed_everything
-from sweeplab.tracking import Job, RunLog, Tracker
-from sweeplab.train import History, evaluate, fit, steps_per_epoch
+from sweeplab.job import Job
+from sweeplab.tracking import RunLog, Tracker
+from sweeplab.train import History, MetricRows, evaluate, fit, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
 
 class Stopwatch:
-    """Seconds spent per named phase, logged as ``time/<phase>_s``."""
+    """Seconds spent per named phase, logged as ``time/<phase>_s``.
+
+    Phases may nest (metric logging inside training); each second counts for the innermost
+    phase only, so the phases add up to the task's wall time.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._nested: list[float] = []
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         started = time.perf_counter()
+        self._nested.append(0.0)
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.seconds[phase] += elapsed - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += elapsed
 
     def metrics(self) -> dict[str, float]:
         return {f"time/{phase}_s": seconds for phase, seconds in self.seconds.items()}
@@ -75,8 +85,12 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
             hydra_dir = job.output_dir / ".hydra"
             if hydra_dir.is_dir():
                 run_log.log_folder(hydra_dir, ".hydra")
+        def log_rows(rows: MetricRows) -> None:
+            with watch("tracking"):
+                run_log.log_rows(rows)
+
         with watch("training"):
-            history = fit(model, data, optimizer, scheduler, trainer, generator, run_log.log_rows)
+            history = fit(model, data, optimizer, scheduler, trainer, generator, log_rows)
         with watch("evaluation"):
             test = evaluate(model, data.test, trainer.eval_batch_size)
         results = {"test/loss": test.loss, "test/acc": test.acc}

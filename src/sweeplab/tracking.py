@@ -27,22 +27,12 @@ from mlflow.utils.git_utils import get_git_commit
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab.errors import ConfigError
+from sweeplab.job import Job
 from sweeplab.schema import TrackingConfig
 
 log = logging.getLogger(__name__)
 
 ENV_URI = "MLFLOW_TRACKING_URI"
-
-
-@dataclasses.dataclass
-class Job:
-    """What Hydra knows about the job being run; tests build one by hand."""
-
-    launch_dir: Path
-    output_dir: Path
-    overrides: list[str]
-    choices: dict[str, str]
-    name: str = "default"
 
 
 def tracking_uri(cfg: TrackingConfig, launch_dir: Path, environ: dict[str, str]) -> str:

@@ -1,0 +1,171 @@
+"""Benchmark sweeplab against the course notebook's pipeline, in one invocation, on real MNIST.
+
+1. Trains logreg and the MLP with the notebook's pipeline (``ToTensor`` + ``DataLoader(batch_size=64,
+   shuffle=True)``, written out below as the baseline) and with sweeplab's own data, model,
+   optimizer and training code (imported from the package), for the same epochs and seed, and
+   prints seconds per epoch, test accuracy and the speed-up.
+2. Runs ``sweeplab experiment=seed_mlp`` end to end in a subprocess against a throwaway sqlite
+   store and prints where its time went and its peak RSS.
+
+Usage: python scripts/benchmark.py [--data-root DIR] [--epochs N] [--device cpu]
+The data root defaults to $SWEEPLAB_DATA_DIR; it must hold MNIST/raw/.
+"""
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as transforms
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from sweeplab.cli import CONFIG_DIR
+from sweeplab.data import load_data
+from sweeplab.models import MODELS
+from sweeplab.optimizers import OPTIMIZERS
+from sweeplab.schedulers import SCHEDULERS
+from sweeplab.schema import TrainerConfig
+from sweeplab.seeding import seed_everything
+from sweeplab.train import evaluate, fit, steps_per_epoch
+
+
+# ---- the notebook's pipeline (baseline) --------------------------------------------------------
+class NotebookLogReg(nn.Module):
+    def __init__(self, n_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.W = nn.Parameter(nn.init.xavier_uniform_(torch.empty([n_features, n_classes])))
+        self.b = nn.Parameter(torch.zeros([n_classes]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x.view(x.shape[0], -1), self.W) + self.b
+
+
+class NotebookMLP(nn.Module):
+    def __init__(self, n_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.input_layer = nn.Linear(n_features, 256)
+        self.hidden_layer = nn.Linear(256, 100)
+        self.output_layer = nn.Linear(100, n_classes)
+        self.dropout = nn.Dropout(0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(F.relu(self.input_layer(x.view(x.shape[0], -1))))
+        x = self.dropout(F.relu(self.hidden_layer(x)))
+        return self.output_layer(x)
+
+
+def notebook(model_name: str, root: str, epochs: int, seed: int) -> tuple[float, float]:
+    """Seconds per epoch and test accuracy (all 10,000 images) of the notebook's pipeline."""
+    torch.manual_seed(seed)
+    trainset = torchvision.datasets.MNIST(root, train=True, transform=transforms.ToTensor())
+    testset = torchvision.datasets.MNIST(root, train=False, transform=transforms.ToTensor())
+    train_loader = torch.utils.data.DataLoader(trainset, batch_size=64, shuffle=True)
+    test_loader = torch.utils.data.DataLoader(testset, batch_size=64, shuffle=False)
+    model = (NotebookLogReg if model_name == "logreg" else NotebookMLP)(28 * 28, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    started = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for x, labels in train_loader:
+            logits = model(x)
+            loss = criterion(input=logits, target=labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    per_epoch = (time.perf_counter() - started) / epochs
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, labels in test_loader:
+            correct += (model(x).argmax(1) == labels).sum().item()
+    return per_epoch, correct / len(testset)
+
+
+# ---- sweeplab's own code ---------------------------------------------------------------------
+def sweeplab(preset: str, root: str, epochs: int, seed: int, device: str) -> tuple[float, float]:
+    """Seconds per epoch and test accuracy of sweeplab's loop on the same data (no val split)."""
+    overrides = [f"experiment={preset}", f"data.root={root}", "data.val_size=0", f"trainer.epochs={epochs}", f"seed={seed}"]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    trainer = TrainerConfig(**cfg.trainer)
+    torch_device = torch.device(device)
+    generator = seed_everything(seed)
+    data = load_data(cfg.data, torch_device)
+    model = MODELS.build(cfg.model, data.in_features, len(data.classes)).to(torch_device)
+    optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
+    per_epoch = steps_per_epoch(len(data.train), trainer)
+    scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * epochs, per_epoch)
+    history = fit(model, data, optimizer, scheduler, trainer, generator, lambda rows: None)
+    return history.train_seconds / epochs, evaluate(model, data.test, trainer.eval_batch_size).acc
+
+
+def compare(root: str, epochs: int, seed: int, device: str) -> None:
+    print(f"== notebook pipeline vs sweeplab: {epochs} epoch(s), seed {seed}, torch threads {torch.get_num_threads()}")
+    print(f"{'model':8} {'notebook s/epoch':>17} {'sweeplab s/epoch':>17} {'speed-up':>9} {'notebook acc':>13} {'sweeplab acc':>13}")
+    for model_name, preset in [("logreg", "seed_logreg"), ("mlp", "seed_mlp")]:
+        base_s, base_acc = notebook(model_name, root, epochs, seed)
+        ours_s, ours_acc = sweeplab(preset, root, epochs, seed, device)
+        print(
+            f"{model_name:8} {base_s:17.3f} {ours_s:17.3f} {base_s / ours_s:8.1f}x "
+            f"{base_acc:13.4f} {ours_acc:13.4f}"
+        )
+
+
+# ---- end-to-end run --------------------------------------------------------------------------
+def end_to_end(root: str, device: str) -> None:
+    print(f"\n== sweeplab experiment=seed_mlp device={device}, end to end")
+    with tempfile.TemporaryDirectory() as workdir:
+        uri = f"sqlite:///{workdir}/mlflow.db"
+        command = [str(Path(sys.executable).with_name("sweeplab")), "experiment=seed_mlp", f"device={device}"]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "SWEEPLAB_DATA_DIR": root}
+        started = time.perf_counter()
+        subprocess.run(command, cwd=workdir, env=env, check=True, capture_output=True)
+        wall = time.perf_counter() - started
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        client = mlflow.MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("sweeplab").experiment_id])
+    metrics = run.data.metrics
+    phases = {
+        "data": metrics["time/data_s"],
+        "setup (models, store)": metrics["time/setup_s"],
+        "training (incl. val)": metrics["time/training_s"],
+        "evaluation (test)": metrics["time/evaluation_s"],
+        "figures": metrics["time/figures_s"],
+        "MLflow logging": metrics["time/tracking_s"],
+        "model logging": metrics["time/model_logging_s"],
+    }
+    phases = {"startup + exit (imports, Hydra)": wall - sum(phases.values()), **phases}
+    for name, seconds in phases.items():
+        print(f"  {name:32} {seconds:7.2f} s")
+    print(f"  {'total wall time':32} {wall:7.2f} s")
+    overhead = metrics["time/figures_s"] + metrics["time/tracking_s"] + metrics["time/model_logging_s"]
+    print(f"  figures + MLflow + model logging = {overhead:.2f} s = {overhead / metrics['time/training_s']:.1%} of training")
+    print(f"  test/acc {metrics['test/acc']:.4f}, mean epoch {metrics['time/training_s'] / 10:.2f} s, peak RSS {peak_rss_mb:.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=os.environ.get("SWEEPLAB_DATA_DIR"))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if not args.data_root or not (Path(args.data_root) / "MNIST" / "raw").is_dir():
+        parser.error("give --data-root (or set SWEEPLAB_DATA_DIR) to a folder holding MNIST/raw/")
+    root = str(Path(args.data_root).resolve())
+    compare(root, args.epochs, args.seed, args.device)
+    end_to_end(root, args.device)
+
+
+if __name__ == "__main__":
+    main()

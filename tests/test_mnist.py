@@ -1,0 +1,30 @@
+"""The presets on real MNIST reach the accuracy the notebook promises (and better)."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import real_mnist_root, run_cli
+
+pytestmark = [
+    pytest.mark.mnist,
+    pytest.mark.skipif(real_mnist_root() is None, reason="no MNIST under $SWEEPLAB_DATA_DIR"),
+]
+
+FIGURES = {"samples", "curves", "pca_input", "confusion_matrix"}
+
+
+@pytest.mark.parametrize(
+    ("preset", "min_acc", "hidden_layers"),
+    [("seed_logreg", 0.90, 0), ("seed_mlp", 0.975, 2), ("mlp_best", 0.985, 2)],
+)
+def test_preset_accuracy_and_figures(tmp_path: Path, store: str, preset: str, min_acc: float, hidden_layers: int) -> None:
+    result = run_cli([f"experiment={preset}", "device=cpu"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = mlflow.MlflowClient(store)
+    (logged,) = client.search_runs([client.get_experiment_by_name("sweeplab").experiment_id])
+    assert logged.data.metrics["test/acc"] >= min_acc
+    assert logged.data.params["data.root"] == str(real_mnist_root())
+    figures = {Path(a.path).stem for a in client.list_artifacts(logged.info.run_id, "figures")}
+    assert figures == FIGURES | {f"pca_hidden{i}" for i in range(1, hidden_layers + 1)}
