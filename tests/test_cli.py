@@ -55,6 +55,27 @@ def test_multirun_gives_one_run_per_job(tmp_path: Path, store: str) -> None:
     assert {r.info.experiment_id for r in runs} != {"0"} and len({r.info.experiment_id for r in runs}) == 1
 
 
+def test_every_preset_runs_in_one_sweep(tmp_path: Path, store: str) -> None:
+    result = run_cli(
+        ["-m", "experiment=glob(*)", *FAST, "trainer.epochs=1", "tracking.figures=false", "tracking.log_model=false"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = _runs(store)
+    assert sorted(r.data.params["choice.experiment"] for r in runs) == ["mlp_best", "seed_logreg", "seed_mlp"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.params["data.name"] for r in runs} == {"synthetic"}  # the command line wins
+
+
+def test_diverging_run_exits_nonzero_and_is_failed(tmp_path: Path, store: str) -> None:
+    result = run_cli([*FAST, "optimizer.lr=1e12", "model.dropout=0", "tracking.log_model=false"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert "train/loss became non-finite in epoch 1: lower optimizer.lr" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    (logged,) = _runs(store)
+    assert logged.info.status == "FAILED"
+
+
 BAD_INPUTS = [
     (["model=mlpp"], "Could not find 'model/mlpp'", "logreg"),
     (["foo=1"], "Key 'foo' not in", "+foo=1"),

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from sweeplab import data, models, optimizers, schedulers, schema  # noqa: F401
 from sweeplab.errors import ConfigError
 from sweeplab.job import Job
+from sweeplab.train import DivergedError
 
 log = logging.getLogger("sweeplab")
 
@@ -43,6 +44,9 @@ def main(cfg: DictConfig) -> float:
 
     try:
         return run(cfg, current_job())["test/acc"]
-    except ConfigError as exc:
+    except ConfigError as exc:  # the config, data or store is wrong: nothing was trained
         log.error("%s", exc)
         sys.exit(2)
+    except DivergedError as exc:  # the run exists in MLflow, marked FAILED
+        log.error("%s", exc)
+        sys.exit(1)
