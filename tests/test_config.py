@@ -13,7 +13,8 @@ from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import TrackingConfig, TrainerConfig
 
-GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+ADDED = {"sweep"}  # groups without a default option are added with +group=option
 OPTIONS = [(group, yaml.stem) for group in GROUPS for yaml in sorted((CONFIG_DIR / group).glob("*.yaml"))]
 
 
@@ -23,7 +24,7 @@ def test_every_group_the_brief_names_exists() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(compose_cfg, group: str, option: str) -> None:
-    cfg = compose_cfg([f"{group}={option}"])
+    cfg = compose_cfg([f"{'+' if group in ADDED else ''}{group}={option}"])
     assert isinstance(OmegaConf.to_object(cfg.trainer), TrainerConfig)
     assert isinstance(OmegaConf.to_object(cfg.tracking), TrackingConfig)
     registries = {"data": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
@@ -31,6 +32,22 @@ def test_every_option_composes_and_validates(compose_cfg, group: str, option: st
         assert cfg[name].name in registry.names
     if group in registries:
         assert cfg[group].name == option
+
+
+def test_launcher_presets_compose(compose_cfg) -> None:
+    from hydra import compose
+
+    cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert "submitit" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.cpus_per_task == 4
+    cfg = compose("config", overrides=["hydra/launcher=joblib"], return_hydra_config=True)
+    assert "joblib" in cfg.hydra.launcher._target_
+
+
+def test_sweep_callback_is_on_by_default(compose_cfg) -> None:
+    from hydra import compose
+
+    cfg = compose("config", return_hydra_config=True)
+    assert cfg.hydra.callbacks.mlflow_sweep._target_ == "sweeplab.sweep.MlflowSweepCallback"
 
 
 def test_every_yaml_names_its_schema() -> None:

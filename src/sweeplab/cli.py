@@ -1,18 +1,20 @@
 """The ``sweeplab`` command: a Hydra app around ``sweeplab.task.run``."""
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 # importing the registries stores every group's schema in Hydra's ConfigStore before composition
 from sweeplab import data, models, optimizers, schedulers, schema  # noqa: F401
 from sweeplab.errors import ConfigError
-from sweeplab.job import Job
+from sweeplab.job import ENV_PARENT_RUN, ENV_URI, Job
 from sweeplab.train import DivergedError
 
 log = logging.getLogger("sweeplab")
@@ -28,25 +30,44 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 def current_job() -> Job:
     """The Hydra runtime facts a run records (launch dir, output dir, overrides, choices)."""
     hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
     return Job(
         launch_dir=Path(hc.runtime.cwd),
         output_dir=Path(hc.runtime.output_dir),
         overrides=list(hc.overrides.task),
         choices={k: str(v) for k, v in hc.runtime.choices.items()},
         name=hc.job.override_dirname or "default",
+        multirun=multirun,
+        parent_run_id=os.environ.get(ENV_PARENT_RUN) if multirun else None,
     )
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Run one job; return ``test/acc`` for sweepers that optimise the return value."""
+    """Run one job; return ``sweep.objective`` (``val/acc``) for sweepers that optimise it.
+
+    Inside a sweep with ``sweep.on_error=continue`` a failing job logs its error and returns
+    NaN, which Optuna records as a failed trial, and the sweep goes on.
+    """
     from sweeplab.task import run  # heavy imports (mlflow, matplotlib) only once composition worked
 
+    job = current_job()
+    keep_going = job.multirun and cfg.sweep.on_error == "continue"
     try:
-        return run(cfg, current_job())["test/acc"]
-    except ConfigError as exc:  # the config, data or store is wrong: nothing was trained
-        log.error("%s", exc)
-        sys.exit(2)
-    except DivergedError as exc:  # the run exists in MLflow, marked FAILED
-        log.error("%s", exc)
-        sys.exit(1)
+        results = run(cfg, job)
+    except Exception as exc:
+        user_error = isinstance(exc, (ConfigError, DivergedError))
+        if keep_going:
+            log.error("job failed, the sweep goes on: %s", exc if user_error else repr(exc))
+            return math.nan
+        if job.parent_run_id:
+            from sweeplab.sweep import fail_parent
+
+            fail_parent(os.environ[ENV_URI], job.parent_run_id, f"{type(exc).__name__}: {exc}")
+        if not user_error:
+            raise
+        log.error("%s", exc)  # a config, data or store problem (exit 2) or a diverged run (exit 1)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    if cfg.sweep.objective not in results:
+        log.warning("sweep.objective=%s was not logged (logged: %s)", cfg.sweep.objective, sorted(results))
+    return results.get(cfg.sweep.objective, math.nan)

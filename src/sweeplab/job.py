@@ -3,6 +3,11 @@
 import dataclasses
 from pathlib import Path
 
+ENV_URI = "MLFLOW_TRACKING_URI"
+# The sweep callback puts the parent run's id here, and the store's URI in ENV_URI, before any
+# job starts; local, joblib, submitit and Slurm jobs inherit the launching process's environment.
+ENV_PARENT_RUN = "SWEEPLAB_PARENT_RUN_ID"
+
 
 @dataclasses.dataclass
 class Job:
@@ -13,3 +18,6 @@ class Job:
     overrides: list[str]
     choices: dict[str, str]
     name: str = "default"
+    # set for the jobs of a multirun: failures then follow sweep.on_error
+    multirun: bool = False
+    parent_run_id: str | None = None

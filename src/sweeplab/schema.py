@@ -58,6 +58,23 @@ class TrackingConfig:
 
 
 @dataclasses.dataclass
+class SweepConfig:
+    """How a job behaves inside a multirun (``sweeplab -m``); single runs ignore it."""
+
+    # the metric a job returns to the sweeper and the sweep summary ranks children by
+    objective: str = "val/acc"
+    direction: str = "maximize"
+    # continue: a failing job is marked FAILED and the sweep goes on; raise: stop the sweep
+    on_error: str = "continue"
+    # skip a job whose config hash already has a FINISHED run in the experiment; false reruns it
+    skip_completed: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.direction in ("maximize", "minimize"), "sweep.direction", self.direction, "maximize or minimize")
+        require(self.on_error in ("continue", "raise"), "sweep.on_error", self.on_error, "continue or raise")
+
+
+@dataclasses.dataclass
 class Config:
     """The composed config; registry-backed groups are typed by their option's ``schema/<group>/<name>``."""
 
@@ -69,6 +86,7 @@ class Config:
     scheduler: Any = MISSING
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)

@@ -23,10 +23,11 @@ from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.representations import representations
 from sweeplab.schedulers import SCHEDULERS
-from sweeplab.schema import TrackingConfig, TrainerConfig
+from sweeplab.schema import SweepConfig, TrackingConfig, TrainerConfig
 from sweeplab.seeding import seed_everything
 from sweeplab.job import Job
-from sweeplab.tracking import RunLog, Tracker
+from sweeplab.summary import TAG_REUSED
+from sweeplab.tracking import RunLog, Tracker, config_hash
 from sweeplab.train import History, MetricRows, evaluate, fit, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,12 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
     with watch("setup"):
         trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)
         tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
+        sweep: SweepConfig = OmegaConf.to_object(cfg.sweep)
         device = resolve_device(cfg.device)
+        if job.parent_run_id and sweep.skip_completed:  # the sweep's store exists: ask it first
+            done = _reuse_finished(Tracker(tracking, job.launch_dir, os.environ, job.parent_run_id), cfg, job)
+            if done is not None:
+                return done
         generator = seed_everything(cfg.seed)
     with watch("data"):
         data = load_data(cfg.data, device)
@@ -74,10 +80,16 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
         per_epoch = steps_per_epoch(len(data.train), trainer)
         scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
-        tracker = Tracker(tracking, job, dict(os.environ))
+        tracker = Tracker(tracking, job.launch_dir, os.environ, job.parent_run_id)
     log.info(
-        "%s on %s: %d train / %d val / %d test samples, %s",
-        cfg.model.name, device, len(data.train), len(data.val), len(data.test), tracker,
+        "%s on %s (%d threads): %d train / %d val / %d test samples, %s",
+        cfg.model.name,
+        device,
+        torch.get_num_threads(),
+        len(data.train),
+        len(data.val),
+        len(data.test),
+        tracker,
     )
     with tracker.start_run(cfg, job) as run_log:
         with watch("tracking"):
@@ -93,11 +105,11 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
             history = fit(model, data, optimizer, scheduler, trainer, generator, log_rows)
         with watch("evaluation"):
             test = evaluate(model, data.test, trainer.eval_batch_size)
-        results = {"test/loss": test.loss, "test/acc": test.acc}
-        if history.best_val_acc is not None:
-            results["best/val_acc"] = history.best_val_acc
+        final = {"test/loss": test.loss, "test/acc": test.acc}
+        if history.val_acc:
+            final["best/val_acc"] = max(history.val_acc)
         with watch("tracking"):
-            run_log.log_metrics(results, step=history.epoch_end_steps[-1])
+            run_log.log_metrics(final, step=history.epoch_end_steps[-1])
         log.info("test/loss %.4f | test/acc %.4f", test.loss, test.acc)
         if tracking.figures:
             with watch("figures"):
@@ -106,7 +118,19 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
             with watch("model_logging"):
                 run_log.log_model(model, data.test.x[:5])
         run_log.log_metrics(watch.metrics(), step=history.epoch_end_steps[-1])
-    return results
+    last_val = {"val/loss": history.val_loss[-1], "val/acc": history.val_acc[-1]} if history.val_acc else {}
+    return final | last_val
+
+
+def _reuse_finished(tracker: Tracker, cfg: DictConfig, job: Job) -> dict[str, float] | None:
+    """Metrics of a FINISHED run with this job's config hash, recorded on the sweep's parent."""
+    digest = config_hash(cfg)
+    done = tracker.finished_run(digest)
+    if done is None:
+        return None
+    tracker.client.set_tag(job.parent_run_id, f"{TAG_REUSED}{digest}", done.info.run_id)
+    log.info("skipped: run %s (%s) already FINISHED with this config", done.info.run_id, done.info.run_name)
+    return dict(done.data.metrics)
 
 
 def _log_figures(

@@ -12,14 +12,14 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
 from matplotlib.figure import Figure
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
@@ -27,15 +27,16 @@ from mlflow.utils.git_utils import get_git_commit
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab.errors import ConfigError
-from sweeplab.job import Job
+from sweeplab.job import ENV_URI, Job
 from sweeplab.schema import TrackingConfig
 
 log = logging.getLogger(__name__)
 
-ENV_URI = "MLFLOW_TRACKING_URI"
+TAG_HASH = "sweeplab.config_hash"
+TAG_FAILURE = "sweeplab.failure"
 
 
-def tracking_uri(cfg: TrackingConfig, launch_dir: Path, environ: dict[str, str]) -> str:
+def tracking_uri(cfg: TrackingConfig, launch_dir: Path, environ: Mapping[str, str]) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an sqlite file in the launch dir.
 
     The sqlite path is absolute so every job of a sweep, whatever its working directory, writes
@@ -68,9 +69,11 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """A short digest of the resolved config without ``tracking`` (where results go, not what)."""
+    """A digest of the resolved config minus ``tracking`` and ``sweep``, which change where and
+    whether a run is logged, not what it computes."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("tracking", None)
+    container.pop("sweep", None)
     return hashlib.sha256(json.dumps(container, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -82,21 +85,35 @@ def run_params(cfg: DictConfig, job: Job) -> dict[str, Any]:
 
 
 class Tracker:
-    """An MLflow store with the experiment this job logs to, both known to exist."""
+    """An MLflow store with the experiment this job logs to, both known to exist.
 
-    def __init__(self, cfg: TrackingConfig, job: Job, environ: dict[str, str]) -> None:
+    Inside a sweep the experiment is the parent run's, read from the store, so no job depends
+    on winning a race to create or set it.
+    """
+
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        launch_dir: Path,
+        environ: Mapping[str, str],
+        parent_run_id: str | None = None,
+    ) -> None:
         self.cfg = cfg
-        self.uri = tracking_uri(cfg, job.launch_dir, environ)
+        self.uri = tracking_uri(cfg, launch_dir, environ)
         self.client = MlflowClient(self.uri)
+        self.parent_run_id = parent_run_id
         try:
-            experiment = self.client.get_experiment_by_name(cfg.experiment_name)
-            self.experiment_id = (
-                experiment.experiment_id
-                if experiment
-                else self.client.create_experiment(
-                    cfg.experiment_name, artifact_location=artifact_location(cfg, self.uri)
+            if parent_run_id:
+                self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+            else:
+                experiment = self.client.get_experiment_by_name(cfg.experiment_name)
+                self.experiment_id = (
+                    experiment.experiment_id
+                    if experiment
+                    else self.client.create_experiment(
+                        cfg.experiment_name, artifact_location=artifact_location(cfg, self.uri)
+                    )
                 )
-            )
         except MlflowException as exc:
             source = "tracking.uri" if cfg.uri else ENV_URI if environ.get(ENV_URI) else "the default store"
             raise ConfigError(
@@ -105,20 +122,33 @@ class Tracker:
                 f"{ENV_URI} to log to an sqlite file in the launch directory."
             ) from exc
 
+    def finished_run(self, config_digest: str) -> Run | None:
+        """The newest FINISHED run of this experiment with this config hash, if any."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_HASH}` = '{config_digest}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
     @contextlib.contextmanager
     def start_run(self, cfg: DictConfig, job: Job) -> Iterator["RunLog"]:
-        """A run that ends FINISHED, or FAILED (KILLED on Ctrl-C) if the block raises."""
-        tags = {
-            "sweeplab.overrides": " ".join(job.overrides),
-            "sweeplab.config_hash": config_hash(cfg),
-        }
+        """A run that ends FINISHED, or FAILED (tagged with the reason) if the block raises."""
+        tags = {"sweeplab.overrides": " ".join(job.overrides), TAG_HASH: config_hash(cfg)}
         commit = get_git_commit(str(Path(__file__).parent))
         if commit:
             tags["mlflow.source.git.commit"] = commit
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(experiment_id=self.experiment_id, run_name=job.name, tags=tags) as run:
+        with mlflow.start_run(
+            experiment_id=self.experiment_id, run_name=job.name, tags=tags, parent_run_id=self.parent_run_id
+        ) as run:
             mlflow.log_params(run_params(cfg, job))
-            yield RunLog(self.client, run.info.run_id)
+            try:
+                yield RunLog(self.client, run.info.run_id)
+            except BaseException as exc:
+                self.client.set_tag(run.info.run_id, TAG_FAILURE, f"{type(exc).__name__}: {exc}"[:5000])
+                raise
 
     def __repr__(self) -> str:
         return f"Tracker({self.uri!r}, experiment {self.cfg.experiment_name!r})"

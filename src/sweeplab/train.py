@@ -125,6 +125,10 @@ def fit(
                 step += 1
                 if step % window == 0:
                     lrs[step] = scheduler.get_last_lr()[0]
+                    if not torch.isfinite(loss):  # one sync per window: stop a diverged run early
+                        raise DivergedError(
+                            f"train/loss became non-finite at step {step} (epoch {epoch}): lower optimizer.lr"
+                        )
                 scheduler.step()
                 bar.update()
             losses, accs = step_loss[:step].cpu(), step_acc[:step].cpu()  # the epoch's one sync
@@ -132,9 +136,7 @@ def fit(
             history.train_seconds += train_seconds
             epoch_losses, epoch_accs = losses[-per_epoch:], accs[-per_epoch:]
             if not torch.isfinite(epoch_losses).all():
-                raise DivergedError(
-                    f"train/loss became non-finite in epoch {epoch}: lower optimizer.lr"
-                )
+                raise DivergedError(f"train/loss became non-finite in epoch {epoch}: lower optimizer.lr")
             rows: MetricRows = [
                 (
                     s,
