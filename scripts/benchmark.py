@@ -6,8 +6,11 @@
    prints seconds per epoch, test accuracy and the speed-up.
 2. Runs ``sweeplab experiment=seed_mlp`` end to end in a subprocess against a throwaway sqlite
    store and prints where its time went and its peak RSS.
+3. Runs an 8-job sweep of ``seed_logreg``-sized runs with 1 and with 2 joblib workers (wall time,
+   speed-up) and measures what the sweep machinery adds per job: the parent run and the summary
+   (shared by the 8 jobs) and each job's config-hash lookup, against a bare run's store setup.
 
-Usage: python scripts/benchmark.py [--data-root DIR] [--epochs N] [--device cpu]
+Usage: python scripts/benchmark.py [--data-root DIR] [--epochs N] [--device cpu] [--parts ...]
 The data root defaults to $SWEEPLAB_DATA_DIR; it must hold MNIST/raw/.
 """
 
@@ -153,18 +156,100 @@ def end_to_end(root: str, device: str) -> None:
     print(f"  test/acc {metrics['test/acc']:.4f}, mean epoch {metrics['time/training_s'] / 10:.2f} s, peak RSS {peak_rss_mb:.0f} MB")
 
 
+# ---- sweeps ----------------------------------------------------------------------------------
+SWEEP_JOBS = 8
+
+
+def sweep_wall(root: str, workers: int, workdir: Path, epochs: int) -> float:
+    """Wall time of an 8-job seed_logreg sweep (seeds 0-7) with ``workers`` joblib workers."""
+    seeds = ",".join(str(s) for s in range(SWEEP_JOBS))
+    command = [
+        str(Path(sys.executable).with_name("sweeplab")), "-m", "hydra/launcher=joblib",
+        f"hydra.launcher.n_jobs={workers}", "experiment=seed_logreg", f"trainer.epochs={epochs}",
+        f"seed={seeds}", "device=cpu",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"SWEEPLAB_DATA_DIR": root}
+    started = time.perf_counter()
+    subprocess.run(command, cwd=workdir, env=env, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def sweep_overhead(workdir: Path) -> dict[str, float]:
+    """Seconds the sweep machinery adds, measured on the store and parent the sweep just left."""
+    from mlflow import MlflowClient
+    from omegaconf import OmegaConf
+
+    from sweeplab.schema import SweepConfig, TrackingConfig
+    from sweeplab.summary import summarize
+    from sweeplab.tracking import Tracker, config_hash
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=seed_logreg", "seed=1"])
+    tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    tracker = Tracker(tracking, workdir, env)  # a job's first contact with the store, warmed
+    client: MlflowClient = tracker.client
+    (parent,) = client.search_runs([tracker.experiment_id], "tags.`sweeplab.sweep` = 'parent'")
+
+    def best_of(fn, repeats: int = 5) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    digest = config_hash(cfg)
+    parent_start = best_of(lambda: client.create_run(tracker.experiment_id, tags={"sweeplab.sweep": "benchmark"}))
+    bare = best_of(lambda: Tracker(tracking, workdir, env))
+    lookup = best_of(lambda: Tracker(tracking, workdir, env, parent.info.run_id).finished_run(digest))
+    swept = ["seed"]
+    summary = best_of(lambda: summarize(client, parent.info.run_id, tracker.experiment_id, swept, SweepConfig()), 2)
+    return {
+        "parent run created": parent_start,
+        "summary on the parent (8 children)": summary,
+        "job store setup, bare run": bare,
+        "job store setup + config-hash lookup, in a sweep": lookup,
+        "per job: lookup - bare + (parent + summary) / 8": lookup - bare + (parent_start + summary) / SWEEP_JOBS,
+    }
+
+
+def sweeps(root: str, epochs: int) -> None:
+    print(
+        f"\n== {SWEEP_JOBS}-job sweep of seed_logreg, {epochs} epoch(s) each (seeds 0-{SWEEP_JOBS - 1}), "
+        "fresh sqlite store, joblib"
+    )
+    walls = {}
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory() as workdir:
+            walls[workers] = sweep_wall(root, workers, Path(workdir), epochs)
+            if workers == 2:
+                overhead = sweep_overhead(Path(workdir))
+        print(f"  {workers} worker(s): {walls[workers]:6.1f} s wall")
+    print(f"  speed-up with 2 workers: {walls[1] / walls[2]:.2f}x")
+    print("  sweep machinery:")
+    for name, seconds in overhead.items():
+        print(f"    {name:50} {seconds * 1000:7.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=os.environ.get("SWEEPLAB_DATA_DIR"))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--parts", nargs="+", choices=["compare", "e2e", "sweep"], default=["compare", "e2e", "sweep"])
+    parser.add_argument("--sweep-epochs", type=int, default=1, help="epochs of each sweep job (seed_logreg: 1)")
     args = parser.parse_args()
     if not args.data_root or not (Path(args.data_root) / "MNIST" / "raw").is_dir():
         parser.error("give --data-root (or set SWEEPLAB_DATA_DIR) to a folder holding MNIST/raw/")
     root = str(Path(args.data_root).resolve())
-    compare(root, args.epochs, args.seed, args.device)
-    end_to_end(root, args.device)
+    if "compare" in args.parts:
+        compare(root, args.epochs, args.seed, args.device)
+    if "e2e" in args.parts:
+        end_to_end(root, args.device)
+    if "sweep" in args.parts:
+        sweeps(root, args.sweep_epochs)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 
 from sweeplab.schema import SweepConfig
+from sweeplab.tracking import TAG_REUSED
 
-TAG_REUSED = "sweeplab.reused."  # + config hash: a FINISHED run a sweep job reused instead of rerunning
 METRICS = ["test/acc", "test/loss", "val/acc", "val/loss", "best/val_acc", "time/training_s"]
 
 

@@ -26,8 +26,7 @@ from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import SweepConfig, TrackingConfig, TrainerConfig
 from sweeplab.seeding import seed_everything
 from sweeplab.job import Job
-from sweeplab.summary import TAG_REUSED
-from sweeplab.tracking import RunLog, Tracker, config_hash
+from sweeplab.tracking import TAG_REUSED, RunLog, Tracker, config_hash
 from sweeplab.train import History, MetricRows, evaluate, fit, steps_per_epoch
 
 log = logging.getLogger(__name__)

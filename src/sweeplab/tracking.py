@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 TAG_HASH = "sweeplab.config_hash"
 TAG_FAILURE = "sweeplab.failure"
+# + config hash, on a sweep's parent: the FINISHED run a job reused instead of training again
+TAG_REUSED = "sweeplab.reused."
 
 
 def tracking_uri(cfg: TrackingConfig, launch_dir: Path, environ: Mapping[str, str]) -> str:
