@@ -97,7 +97,13 @@ def notebook(model_name: str, root: str, epochs: int, seed: int) -> tuple[float,
 # ---- sweeplab's own code ---------------------------------------------------------------------
 def sweeplab(preset: str, root: str, epochs: int, seed: int, device: str) -> tuple[float, float]:
     """Seconds per epoch and test accuracy of sweeplab's loop on the same data (no val split)."""
-    overrides = [f"experiment={preset}", f"data.root={root}", "data.val_size=0", f"trainer.epochs={epochs}", f"seed={seed}"]
+    overrides = [
+        f"experiment={preset}",
+        f"data.root={root}",
+        "data.val_size=0",
+        f"trainer.epochs={epochs}",
+        f"seed={seed}",
+    ]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     trainer = TrainerConfig(**cfg.trainer)
@@ -113,8 +119,14 @@ def sweeplab(preset: str, root: str, epochs: int, seed: int, device: str) -> tup
 
 
 def compare(root: str, epochs: int, seed: int, device: str) -> None:
-    print(f"== notebook pipeline vs sweeplab: {epochs} epoch(s), seed {seed}, torch threads {torch.get_num_threads()}")
-    print(f"{'model':8} {'notebook s/epoch':>17} {'sweeplab s/epoch':>17} {'speed-up':>9} {'notebook acc':>13} {'sweeplab acc':>13}")
+    print(
+        f"== notebook pipeline vs sweeplab: {epochs} epoch(s), seed {seed}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'model':8} {'notebook s/epoch':>17} {'sweeplab s/epoch':>17} {'speed-up':>9} "
+        f"{'notebook acc':>13} {'sweeplab acc':>13}"
+    )
     for model_name, preset in [("logreg", "seed_logreg"), ("mlp", "seed_mlp")]:
         base_s, base_acc = notebook(model_name, root, epochs, seed)
         ours_s, ours_acc = sweeplab(preset, root, epochs, seed, device)
@@ -152,8 +164,14 @@ def end_to_end(root: str, device: str) -> None:
         print(f"  {name:32} {seconds:7.2f} s")
     print(f"  {'total wall time':32} {wall:7.2f} s")
     overhead = metrics["time/figures_s"] + metrics["time/tracking_s"] + metrics["time/model_logging_s"]
-    print(f"  figures + MLflow + model logging = {overhead:.2f} s = {overhead / metrics['time/training_s']:.1%} of training")
-    print(f"  test/acc {metrics['test/acc']:.4f}, mean epoch {metrics['time/training_s'] / 10:.2f} s, peak RSS {peak_rss_mb:.0f} MB")
+    print(
+        f"  figures + MLflow + model logging = {overhead:.2f} s "
+        f"= {overhead / metrics['time/training_s']:.1%} of training"
+    )
+    print(
+        f"  test/acc {metrics['test/acc']:.4f}, mean epoch {metrics['time/training_s'] / 10:.2f} s, "
+        f"peak RSS {peak_rss_mb:.0f} MB"
+    )
 
 
 # ---- sweeps ----------------------------------------------------------------------------------
@@ -164,9 +182,14 @@ def sweep_wall(root: str, workers: int, workdir: Path, epochs: int) -> float:
     """Wall time of an 8-job seed_logreg sweep (seeds 0-7) with ``workers`` joblib workers."""
     seeds = ",".join(str(s) for s in range(SWEEP_JOBS))
     command = [
-        str(Path(sys.executable).with_name("sweeplab")), "-m", "hydra/launcher=joblib",
-        f"hydra.launcher.n_jobs={workers}", "experiment=seed_logreg", f"trainer.epochs={epochs}",
-        f"seed={seeds}", "device=cpu",
+        str(Path(sys.executable).with_name("sweeplab")),
+        "-m",
+        "hydra/launcher=joblib",
+        f"hydra.launcher.n_jobs={workers}",
+        "experiment=seed_logreg",
+        f"trainer.epochs={epochs}",
+        f"seed={seeds}",
+        "device=cpu",
     ]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"SWEEPLAB_DATA_DIR": root}
     started = time.perf_counter()
@@ -200,17 +223,23 @@ def sweep_overhead(workdir: Path) -> dict[str, float]:
         return min(times)
 
     digest = config_hash(cfg)
-    parent_start = best_of(lambda: client.create_run(tracker.experiment_id, tags={"sweeplab.sweep": "benchmark"}))
+    parent_start = best_of(
+        lambda: client.create_run(tracker.experiment_id, tags={"sweeplab.sweep": "benchmark"})
+    )
     bare = best_of(lambda: Tracker(tracking, workdir, env))
     lookup = best_of(lambda: Tracker(tracking, workdir, env, parent.info.run_id).finished_run(digest))
     swept = ["seed"]
-    summary = best_of(lambda: summarize(client, parent.info.run_id, tracker.experiment_id, swept, SweepConfig()), 2)
+    summary = best_of(
+        lambda: summarize(client, parent.info.run_id, tracker.experiment_id, swept, SweepConfig()), 2
+    )
     return {
         "parent run created": parent_start,
         "summary on the parent (8 children)": summary,
         "job store setup, bare run": bare,
         "job store setup + config-hash lookup, in a sweep": lookup,
-        "per job: lookup - bare + (parent + summary) / 8": lookup - bare + (parent_start + summary) / SWEEP_JOBS,
+        "per job: lookup - bare + (parent + summary) / 8": lookup
+        - bare
+        + (parent_start + summary) / SWEEP_JOBS,
     }
 
 
@@ -233,13 +262,19 @@ def sweeps(root: str, epochs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-root", default=os.environ.get("SWEEPLAB_DATA_DIR"))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--parts", nargs="+", choices=["compare", "e2e", "sweep"], default=["compare", "e2e", "sweep"])
-    parser.add_argument("--sweep-epochs", type=int, default=1, help="epochs of each sweep job (seed_logreg: 1)")
+    parser.add_argument(
+        "--parts", nargs="+", choices=["compare", "e2e", "sweep"], default=["compare", "e2e", "sweep"]
+    )
+    parser.add_argument(
+        "--sweep-epochs", type=int, default=1, help="epochs of each sweep job (seed_logreg: 1)"
+    )
     args = parser.parse_args()
     if not args.data_root or not (Path(args.data_root) / "MNIST" / "raw").is_dir():
         parser.error("give --data-root (or set SWEEPLAB_DATA_DIR) to a folder holding MNIST/raw/")

@@ -64,11 +64,17 @@ def job(tmp_path: Path) -> Job:
     out = tmp_path / "outputs"
     out.mkdir()
     return Job(
-        launch_dir=tmp_path, output_dir=out, overrides=["data=synthetic"], choices={"data": "synthetic", "hydra/launcher": "basic"}, name="test-run"
+        launch_dir=tmp_path,
+        output_dir=out,
+        overrides=["data=synthetic"],
+        choices={"data": "synthetic", "hydra/launcher": "basic"},
+        name="test-run",
     )
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run the installed ``sweeplab`` command the way a user would."""
     return subprocess.run(
         [str(SWEEPLAB), *args],

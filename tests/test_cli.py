@@ -34,7 +34,10 @@ def test_cli_run_records_hydra_choices_and_files(tmp_path: Path, store: str) -> 
     assert "test/acc" in result.stdout
     (logged,) = _runs(store)
     assert logged.info.status == "FINISHED"
-    assert logged.info.run_name == "data=synthetic,device=cpu,model=logreg,optimizer.lr=0.1,trainer.epochs=2,trainer.log_every_n_steps=2"
+    assert (
+        logged.info.run_name == "data=synthetic,device=cpu,model=logreg,optimizer.lr=0.1,"
+        "trainer.epochs=2,trainer.log_every_n_steps=2"
+    )
     assert logged.data.params["choice.model"] == "logreg" and logged.data.params["choice.optimizer"] == "sgd"
     client = mlflow.MlflowClient(store)
     hydra_files = {a.path for a in client.list_artifacts(logged.info.run_id, ".hydra")}
@@ -51,7 +54,9 @@ def test_default_store_is_sqlite_in_the_launch_dir(tmp_path: Path, monkeypatch: 
 
 
 def test_multirun_gives_one_run_per_job(tmp_path: Path, store: str) -> None:
-    result = run_cli(["-m", *FAST, "tracking.figures=false", "tracking.log_model=false", "model=logreg,mlp"], cwd=tmp_path)
+    result = run_cli(
+        ["-m", *FAST, "tracking.figures=false", "tracking.log_model=false", "model=logreg,mlp"], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     runs = _runs(store)
     assert sorted(r.data.params["model.name"] for r in runs) == ["logreg", "mlp"]
@@ -60,7 +65,14 @@ def test_multirun_gives_one_run_per_job(tmp_path: Path, store: str) -> None:
 
 def test_every_preset_runs_in_one_sweep(tmp_path: Path, store: str) -> None:
     result = run_cli(
-        ["-m", "experiment=glob(*)", *FAST, "trainer.epochs=1", "tracking.figures=false", "tracking.log_model=false"],
+        [
+            "-m",
+            "experiment=glob(*)",
+            *FAST,
+            "trainer.epochs=1",
+            "tracking.figures=false",
+            "tracking.log_model=false",
+        ],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -71,9 +83,13 @@ def test_every_preset_runs_in_one_sweep(tmp_path: Path, store: str) -> None:
 
 
 def test_diverging_run_exits_nonzero_and_is_failed(tmp_path: Path, store: str) -> None:
-    result = run_cli([*FAST, "optimizer.lr=1e12", "model.dropout=0", "tracking.log_model=false"], cwd=tmp_path)
+    result = run_cli(
+        [*FAST, "optimizer.lr=1e12", "model.dropout=0", "tracking.log_model=false"], cwd=tmp_path
+    )
     assert result.returncode == 1
-    assert re.search(r"train/loss became non-finite at step \d+ \(epoch 1\): lower optimizer.lr", result.stdout)
+    assert re.search(
+        r"train/loss became non-finite at step \d+ \(epoch 1\): lower optimizer.lr", result.stdout
+    )
     assert "Traceback" not in result.stdout + result.stderr
     (logged,) = _runs(store)
     assert logged.info.status == "FAILED"
@@ -126,7 +142,9 @@ def test_missing_mnist_without_network_says_where_to_put_it(tmp_path: Path, stor
     assert result.returncode == 2
     message = result.stdout
     assert f"MNIST not found in {root}/MNIST/raw and it could not be downloaded" in message
-    assert "train-images-idx3-ubyte" in message and "SWEEPLAB_DATA_DIR" in message and "data=digits" in message
+    assert (
+        "train-images-idx3-ubyte" in message and "SWEEPLAB_DATA_DIR" in message and "data=digits" in message
+    )
     assert list(root.iterdir()) == []  # nothing half-downloaded left behind
     assert _runs(store) == []
 
@@ -134,7 +152,9 @@ def test_missing_mnist_without_network_says_where_to_put_it(tmp_path: Path, stor
 def test_truncated_idx_file_is_named(tmp_path: Path, store: str, tiny_mnist: Path) -> None:
     images = tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
-    result = run_cli(["data=mnist", f"data.root={tiny_mnist}", "data.val_size=20", "device=cpu"], cwd=tmp_path)
+    result = run_cli(
+        ["data=mnist", f"data.root={tiny_mnist}", "data.val_size=20", "device=cpu"], cwd=tmp_path
+    )
     assert result.returncode == 2
     assert "Could not read MNIST training files" in result.stdout
     assert "truncated or corrupt" in result.stdout and str(images.parent) in result.stdout
@@ -154,8 +174,16 @@ def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
 def test_tiny_mnist_files_train_offline(tmp_path: Path, store: str, tiny_mnist: Path) -> None:
     """The MNIST path end to end, through torchvision's reader, on IDX files the test wrote."""
     result = run_cli(
-        ["data=mnist", f"data.root={tiny_mnist}", "data.val_size=20", "model=logreg", "device=cpu",
-         "optimizer.lr=0.1", "trainer.epochs=3", "tracking.log_model=false"],
+        [
+            "data=mnist",
+            f"data.root={tiny_mnist}",
+            "data.val_size=20",
+            "model=logreg",
+            "device=cpu",
+            "optimizer.lr=0.1",
+            "trainer.epochs=3",
+            "tracking.log_model=false",
+        ],
         cwd=tmp_path,
         env={"SWEEPLAB_DATA_DIR": os.devnull},
     )

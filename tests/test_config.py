@@ -73,7 +73,9 @@ def test_default_config_is_the_notebook_mlp(compose_cfg) -> None:
         ("foo=1", ConfigAttributeError, "foo"),
     ],
 )
-def test_typos_and_wrong_types_fail_at_composition(compose_cfg, override: str, error: type, names: str) -> None:
+def test_typos_and_wrong_types_fail_at_composition(
+    compose_cfg, override: str, error: type, names: str
+) -> None:
     with pytest.raises(ConfigCompositionException) as info:
         compose_cfg([override])
     assert isinstance(info.value.__cause__, error)
@@ -96,4 +98,3 @@ def test_preset_values(compose_cfg) -> None:
 def test_fast_overrides_compose(compose_cfg) -> None:
     cfg = compose_cfg(FAST)
     assert cfg.data.name == "synthetic" and cfg.trainer.epochs == 2
-

@@ -19,7 +19,9 @@ FIGURES = {"samples", "curves", "pca_input", "confusion_matrix"}
     ("preset", "min_acc", "hidden_layers"),
     [("seed_logreg", 0.90, 0), ("seed_mlp", 0.975, 2), ("mlp_best", 0.985, 2)],
 )
-def test_preset_accuracy_and_figures(tmp_path: Path, store: str, preset: str, min_acc: float, hidden_layers: int) -> None:
+def test_preset_accuracy_and_figures(
+    tmp_path: Path, store: str, preset: str, min_acc: float, hidden_layers: int
+) -> None:
     result = run_cli([f"experiment={preset}", "device=cpu"], cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     client = mlflow.MlflowClient(store)

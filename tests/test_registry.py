@@ -63,7 +63,9 @@ def test_new_models_schema_rejects_typos(tmp_path: Path) -> None:
 def test_unregistered_name_lists_registered_ones(compose_cfg) -> None:
     cfg = compose_cfg([])
     cfg.model.name = "resnet"
-    with pytest.raises(ConfigError, match=r"model.name='resnet' is not registered: expected one of \[.*'mlp'"):
+    with pytest.raises(
+        ConfigError, match=r"model.name='resnet' is not registered: expected one of \[.*'mlp'"
+    ):
         MODELS.build(cfg.model, 4, 2)
 
 

@@ -12,7 +12,14 @@ from sweeplab.task import run
 from sweeplab.train import evaluate
 
 FIGURES = {"samples", "curves", "pca_input", "pca_hidden1", "pca_hidden2", "confusion_matrix"}
-EPOCH_METRICS = {"train/epoch_loss", "train/epoch_acc", "val/loss", "val/acc", "time/epoch_s", "throughput/samples_per_s"}
+EPOCH_METRICS = {
+    "train/epoch_loss",
+    "train/epoch_acc",
+    "val/loss",
+    "val/acc",
+    "time/epoch_s",
+    "throughput/samples_per_s",
+}
 
 
 def _only_run(uri: str) -> mlflow.entities.Run:
@@ -40,7 +47,9 @@ def test_run_logs_params_metrics_figures_and_model(compose_cfg, store: str, job)
     assert logged.data.tags["sweeplab.overrides"] == "data=synthetic"
 
     metrics = logged.data.metrics
-    assert EPOCH_METRICS | {"train/loss", "train/acc", "test/loss", "test/acc", "best/val_acc"} <= set(metrics)
+    assert EPOCH_METRICS | {"train/loss", "train/acc", "test/loss", "test/acc", "best/val_acc"} <= set(
+        metrics
+    )
     assert metrics["test/acc"] == pytest.approx(results["test/acc"])
     assert 0.0 <= metrics["test/acc"] <= 1.0 and math.isfinite(metrics["test/loss"])
     steps_per_epoch = math.ceil((450 - 90) / 64)
@@ -81,12 +90,16 @@ def test_same_seed_gives_identical_metrics(compose_cfg, store: str, job) -> None
         return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
 
     assert history(first.info.run_id) == history(second.info.run_id)
-    other_seed = run(compose_cfg([*FAST, "seed=8", "tracking.figures=false", "tracking.log_model=false"]), job)
+    other_seed = run(
+        compose_cfg([*FAST, "seed=8", "tracking.figures=false", "tracking.log_model=false"]), job
+    )
     assert other_seed != {k: v for k, v in first.data.metrics.items() if k in other_seed}
 
 
 def test_val_size_zero_trains_on_every_training_sample(compose_cfg, store: str, job) -> None:
-    results = run(compose_cfg([*FAST, "data.val_size=0", "tracking.figures=false", "tracking.log_model=false"]), job)
+    results = run(
+        compose_cfg([*FAST, "data.val_size=0", "tracking.figures=false", "tracking.log_model=false"]), job
+    )
     logged = _only_run(store)
     assert "val/acc" not in logged.data.metrics and "best/val_acc" not in results
     assert logged.data.metrics["throughput/samples_per_s"] > 0

@@ -21,12 +21,24 @@ def known_runs(store: str) -> dict[str, str]:
     experiment = client.create_experiment("sweeplab")
     ids = {}
     for name, model, lr, acc, status in RUNS:
-        run = client.create_run(experiment, run_name=name, tags={"sweeplab.overrides": f"model={model} optimizer.lr={lr}"})
+        run = client.create_run(
+            experiment, run_name=name, tags={"sweeplab.overrides": f"model={model} optimizer.lr={lr}"}
+        )
         client.log_batch(
             run.info.run_id,
-            params=[mlflow.entities.Param(k, v) for k, v in
-                    {"choice.model": model, "model.name": model, "optimizer.lr": lr, "seed": "0"}.items()],
-            metrics=[mlflow.entities.Metric("val/acc", acc, 0, 1), mlflow.entities.Metric("test/acc", acc - 0.01, 0, 1)],
+            params=[
+                mlflow.entities.Param(k, v)
+                for k, v in {
+                    "choice.model": model,
+                    "model.name": model,
+                    "optimizer.lr": lr,
+                    "seed": "0",
+                }.items()
+            ],
+            metrics=[
+                mlflow.entities.Metric("val/acc", acc, 0, 1),
+                mlflow.entities.Metric("test/acc", acc - 0.01, 0, 1),
+            ],
         )
         client.set_terminated(run.info.run_id, status)
         ids[name] = run.info.run_id

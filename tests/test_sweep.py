@@ -84,7 +84,10 @@ def test_parallel_sweep_on_fresh_store_then_skip_then_rerun_missing(tmp_path: Pa
     assert result.stdout.count("skipped: run") == 8
     parents, children = _sweep_runs(fresh_store)
     assert len(parents) == 2 and children == []
-    assert parents[0].data.metrics["sweep/reused"] == 8 and parents[0].data.tags["sweeplab.best_run_id"] == best.info.run_id
+    assert (
+        parents[0].data.metrics["sweep/reused"] == 8
+        and parents[0].data.tags["sweeplab.best_run_id"] == best.info.run_id
+    )
 
     # lose one result, fail another: only those two run again
     deleted, failed = [c for c in _sweep_runs_children_of(client, parent)][:2]
@@ -97,9 +100,13 @@ def test_parallel_sweep_on_fresh_store_then_skip_then_rerun_missing(tmp_path: Pa
     assert parents[0].data.metrics["sweep/children"] == 8
 
 
-def _sweep_runs_children_of(client: mlflow.MlflowClient, parent: mlflow.entities.Run) -> list[mlflow.entities.Run]:
+def _sweep_runs_children_of(
+    client: mlflow.MlflowClient, parent: mlflow.entities.Run
+) -> list[mlflow.entities.Run]:
     return client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", order_by=["attributes.start_time ASC"]
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
     )
 
 
@@ -115,7 +122,10 @@ def test_diverging_job_fails_alone(tmp_path: Path, store: str) -> None:
 
 
 def test_fail_fast_stops_the_sweep_and_fails_the_parent(tmp_path: Path, store: str) -> None:
-    result = run_cli(["-m", "optimizer.lr=1e6,0.05", "model.dropout=0", "sweep.on_error=raise", *FAST, *QUIET], cwd=tmp_path)
+    result = run_cli(
+        ["-m", "optimizer.lr=1e6,0.05", "model.dropout=0", "sweep.on_error=raise", *FAST, *QUIET],
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     client = mlflow.MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("sweeplab").experiment_id])
@@ -151,10 +161,23 @@ def test_submitit_local_launcher(tmp_path: Path, store: str) -> None:
 def test_sweep_against_a_tracking_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     port = _closed_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
-         "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -167,14 +190,22 @@ def test_sweep_against_a_tracking_server(tmp_path: Path, monkeypatch: pytest.Mon
                 assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
                 time.sleep(0.5)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        _sweep([*JOBLIB, "model=logreg,mlp", "optimizer.lr=0.1,0.01", *FAST, "tracking.log_model=false"], tmp_path)
+        _sweep(
+            [*JOBLIB, "model=logreg,mlp", "optimizer.lr=0.1,0.01", *FAST, "tracking.log_model=false"],
+            tmp_path,
+        )
         (parent,), children = _sweep_runs(uri)
         assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
         assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 4
         client = mlflow.MlflowClient(uri)
-        assert {a.path for a in client.list_artifacts(children[0].info.run_id, "figures")} >= {"figures/curves.png"}
+        assert {a.path for a in client.list_artifacts(children[0].info.run_id, "figures")} >= {
+            "figures/curves.png"
+        }
         # skip-completed asks the server, not local folders
-        result = _sweep([*JOBLIB, "model=logreg,mlp", "optimizer.lr=0.1,0.01", *FAST, "tracking.log_model=false"], tmp_path)
+        result = _sweep(
+            [*JOBLIB, "model=logreg,mlp", "optimizer.lr=0.1,0.01", *FAST, "tracking.log_model=false"],
+            tmp_path,
+        )
         assert result.stdout.count("skipped: run") == 4
     finally:
         server.terminate()

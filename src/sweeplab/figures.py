@@ -21,7 +21,9 @@ def samples(x: torch.Tensor, y: torch.Tensor, classes: list[str], shape: tuple[i
     fig = Figure(figsize=(1.5 * ncol, 1.7 * nrow))
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, hspace=0.35, wspace=0.05)
     images = x.reshape(len(x), *shape[-2:]).cpu().numpy()
-    for ax, image, label in zip(fig.subplots(nrow, ncol, squeeze=False).flat, images, y.tolist()):
+    for ax, image, label in zip(
+        fig.subplots(nrow, ncol, squeeze=False).flat, images, y.tolist(), strict=False
+    ):
         ax.imshow(image, cmap="gray_r", interpolation="nearest", aspect="auto")
         ax.set_title(classes[label], fontsize=9)
         ax.set_axis_off()
@@ -42,7 +44,7 @@ def curves(history: History) -> Figure:
         ("cross-entropy loss", history.step_loss, history.val_loss),
         ("accuracy", history.step_acc, history.val_acc),
     ]
-    for ax, (label, train, val) in zip(fig.subplots(1, 2), panels):
+    for ax, (label, train, val) in zip(fig.subplots(1, 2), panels, strict=True):
         ax.plot(steps, train, color="tab:blue", alpha=0.25, linewidth=0.6, label="train (per step)")
         smoothed = _smooth(train)
         if smoothed is not None:

@@ -18,13 +18,18 @@ def _check_common(lr: float, weight_decay: float) -> None:
     require(weight_decay >= 0, "optimizer.weight_decay", weight_decay, "a value >= 0")
 
 
-def _check_betas(betas: Sequence[float]) -> None:
+def _adam_family(
+    cls: type[Optimizer], params: Params, lr: float, betas: Sequence[float], eps: float, weight_decay: float
+) -> Optimizer:
+    _check_common(lr, weight_decay)
     require(
         len(betas) == 2 and all(0 <= b < 1 for b in betas),
         "optimizer.betas",
         list(betas),
         "two values in [0, 1)",
     )
+    require(eps > 0, "optimizer.eps", eps, "a value > 0")
+    return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("sgd")
@@ -40,9 +45,7 @@ def sgd(
     _check_common(lr, weight_decay)
     require(0 <= momentum < 1, "optimizer.momentum", momentum, "a value in [0, 1)")
     require(not nesterov or momentum > 0, "optimizer.nesterov", nesterov, "false when momentum is 0")
-    return torch.optim.SGD(
-        params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
-    )
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("adam")
@@ -55,9 +58,7 @@ def adam(
     weight_decay: float = 0.0,
 ) -> Optimizer:
     """Adam; ``weight_decay`` is L2 added to the gradient (use adamw for decoupled decay)."""
-    _check_common(lr, weight_decay)
-    _check_betas(betas)
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    return _adam_family(torch.optim.Adam, params, lr, betas, eps, weight_decay)
 
 
 @OPTIMIZERS.register("adamw")
@@ -70,6 +71,4 @@ def adamw(
     weight_decay: float = 0.01,
 ) -> Optimizer:
     """AdamW: Adam with decoupled weight decay."""
-    _check_common(lr, weight_decay)
-    _check_betas(betas)
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    return _adam_family(torch.optim.AdamW, params, lr, betas, eps, weight_decay)

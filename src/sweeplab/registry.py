@@ -2,8 +2,9 @@
 
 YAML names a builder (``model.name: mlp``) instead of an import path, so renaming a module never
 breaks a saved config. Registering a builder also stores a structured-config schema in Hydra's
-ConfigStore (``schema/<group>/<name>``, named first in each option's defaults list), derived from the builder's keyword-only parameters, so a
-typo'd key or a wrong type fails at composition and names the key.
+ConfigStore (``schema/<group>/<name>``, named first in each option's defaults list), derived
+from the builder's keyword-only parameters, so a typo'd key or a wrong type fails at
+composition and names the key.
 """
 
 import dataclasses

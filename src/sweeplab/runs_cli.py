@@ -95,13 +95,18 @@ def render(rows: list[dict[str, object]], fmt: str) -> str:
 
     table = [columns, *([cell(row.get(c)) for c in columns] for row in rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    return "".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() + "\n" for line in table)
+    return "".join(
+        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() + "\n" for line in table
+    )
 
 
 def cmd_ls(args: argparse.Namespace) -> list[dict[str, object]]:
     client, experiments = _client(args)
     runs = client.search_runs(
-        experiments, filter_string(args.filters), order_by=["attributes.start_time DESC"], max_results=args.limit
+        experiments,
+        filter_string(args.filters),
+        order_by=["attributes.start_time DESC"],
+        max_results=args.limit,
     )
     return [_row(run, SHOWN_METRICS) for run in runs]
 
@@ -130,7 +135,9 @@ def cmd_compare(args: argparse.Namespace) -> list[dict[str, object]]:
     runs = [_get(client, run_id) for run_id in args.runs]
     keys = sorted({k for run in runs for k in run.data.params})
     differing = [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
-    metrics = sorted({k for run in runs for k in run.data.metrics if not k.startswith(("time/", "throughput/"))})
+    metrics = sorted(
+        {k for run in runs for k in run.data.metrics if not k.startswith(("time/", "throughput/"))}
+    )
     rows: list[dict[str, object]] = [{"key": "name", **{r.info.run_id[:8]: r.info.run_name for r in runs}}]
     rows += [{"key": k, **{r.info.run_id[:8]: r.data.params.get(k) for r in runs}} for k in differing]
     rows += [{"key": k, **{r.info.run_id[:8]: r.data.metrics.get(k) for r in runs}} for k in metrics]
@@ -152,7 +159,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
     common.add_argument("--experiment", default="sweeplab", help="experiment name (default: %(default)s)")
     common.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    root = argparse.ArgumentParser(prog="sweeplab-runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = argparse.ArgumentParser(
+        prog="sweeplab-runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = root.add_subparsers(dest="command", required=True)
     ls = commands.add_parser("ls", parents=[common], help="runs matching key=value filters, newest first")
     ls.add_argument("filters", nargs="*", metavar="KEY=VALUE")

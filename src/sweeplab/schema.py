@@ -27,9 +27,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
         require(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
-        require(
-            self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, "an integer >= 1"
-        )
+        require(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, "an integer >= 1")
         require(
             self.log_every_n_steps >= 1,
             "trainer.log_every_n_steps",
@@ -53,7 +51,9 @@ class TrackingConfig:
     pca_samples: int = 5000
 
     def __post_init__(self) -> None:
-        require(bool(self.experiment_name), "tracking.experiment_name", self.experiment_name, "a non-empty name")
+        require(
+            bool(self.experiment_name), "tracking.experiment_name", self.experiment_name, "a non-empty name"
+        )
         require(self.pca_samples >= 0, "tracking.pca_samples", self.pca_samples, "an integer >= 0")
 
 
@@ -70,7 +70,12 @@ class SweepConfig:
     skip_completed: bool = True
 
     def __post_init__(self) -> None:
-        require(self.direction in ("maximize", "minimize"), "sweep.direction", self.direction, "maximize or minimize")
+        require(
+            self.direction in ("maximize", "minimize"),
+            "sweep.direction",
+            self.direction,
+            "maximize or minimize",
+        )
         require(self.on_error in ("continue", "raise"), "sweep.on_error", self.on_error, "continue or raise")
 
 

@@ -34,7 +34,9 @@ def _log_scaled(values: pd.Series) -> bool:
     return bool((values > 0).all() and values.max() / values.min() >= 10)
 
 
-def sweep_table(runs: list[tuple[Run, str]], swept: list[str], objective: str, direction: str) -> pd.DataFrame:
+def sweep_table(
+    runs: list[tuple[Run, str]], swept: list[str], objective: str, direction: str
+) -> pd.DataFrame:
     """One row per child: id, name, status, how it was obtained, swept values, final metrics."""
     metrics = [objective, *(m for m in METRICS if m != objective)]
     rows = []
@@ -55,6 +57,7 @@ def sweep_table(runs: list[tuple[Run, str]], swept: list[str], objective: str, d
 
 def markdown(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (pandas needs the optional tabulate for this)."""
+
     def cell(value: object) -> str:
         if isinstance(value, float):
             return "" if math.isnan(value) else f"{value:.4g}"
@@ -112,9 +115,9 @@ def parallel_coordinates(table: pd.DataFrame, keys: list[str], objective: str) -
     norm = Normalize(done[objective].min(), done[objective].max())
     cmap = colormaps["viridis"]
     points = np.column_stack(scaled)
-    for line, value in zip(points, done[objective]):
+    for line, value in zip(points, done[objective], strict=True):
         ax.plot(range(len(columns)), line, color=cmap(norm(value)), alpha=0.8)
-    ax.set_xticks(range(len(columns)), [f"{c}\n{t}" for c, t in zip(columns, ticks)], fontsize=8)
+    ax.set_xticks(range(len(columns)), [f"{c}\n{t}" for c, t in zip(columns, ticks, strict=True)], fontsize=8)
     ax.set_yticks([])
     for x in range(len(columns)):
         ax.axvline(x, color="grey", linewidth=0.8)
@@ -123,13 +126,17 @@ def parallel_coordinates(table: pd.DataFrame, keys: list[str], objective: str) -
     return fig
 
 
-def summarize(client: MlflowClient, parent_id: str, experiment_id: str, swept: list[str], sweep: SweepConfig) -> pd.DataFrame:
+def summarize(
+    client: MlflowClient, parent_id: str, experiment_id: str, swept: list[str], sweep: SweepConfig
+) -> pd.DataFrame:
     """Write the table, the best child and the figures onto the parent run; return the table."""
     children = client.search_runs(
         [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50000
     )
     parent = client.get_run(parent_id)
-    reused = [client.get_run(run_id) for key, run_id in parent.data.tags.items() if key.startswith(TAG_REUSED)]
+    reused = [
+        client.get_run(run_id) for key, run_id in parent.data.tags.items() if key.startswith(TAG_REUSED)
+    ]
     runs = [(run, "ran") for run in children] + [(run, "reused") for run in reused]
     table = sweep_table(runs, swept, sweep.objective, sweep.direction)
     client.log_text(parent_id, table.to_csv(index=False), "summary/sweep.csv")
@@ -156,9 +163,15 @@ def summarize(client: MlflowClient, parent_id: str, experiment_id: str, swept: l
         }
         for key in swept:
             fig = objective_vs(table, key, sweep.objective)
-            client.log_figure(parent_id, fig, f"summary/objective_vs_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png")
+            client.log_figure(
+                parent_id, fig, f"summary/objective_vs_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
+            )
         if len(swept) > 1:
-            client.log_figure(parent_id, parallel_coordinates(table, swept, sweep.objective), "summary/parallel_coordinates.png")
+            client.log_figure(
+                parent_id,
+                parallel_coordinates(table, swept, sweep.objective),
+                "summary/parallel_coordinates.png",
+            )
     now = int(time.time() * 1000)
     client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     return table

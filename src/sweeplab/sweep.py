@@ -29,7 +29,11 @@ TAG_SWEEP = "sweeplab.sweep"
 def swept_keys(config: DictConfig) -> list[str]:
     """Config keys the sweep varies: sweep overrides (``a=1,2``) and a sweeper's ``params``."""
     parser = OverridesParser.create()
-    keys = [o.key_or_group for o in parser.parse_overrides(list(config.hydra.overrides.task)) if o.is_sweep_override()]
+    keys = [
+        o.key_or_group
+        for o in parser.parse_overrides(list(config.hydra.overrides.task))
+        if o.is_sweep_override()
+    ]
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     return list(dict.fromkeys([*keys, *params]))
 
@@ -49,7 +53,12 @@ class MlflowSweepCallback(Callback):
         # every job logs to exactly this store and nests its run under this parent
         os.environ[ENV_URI] = tracker.uri
         os.environ[ENV_PARENT_RUN] = parent.info.run_id
-        log.info("MLflow parent run %s in experiment %r (%s)", parent.info.run_id, tracking.experiment_name, tracker.uri)
+        log.info(
+            "MLflow parent run %s in experiment %r (%s)",
+            parent.info.run_id,
+            tracking.experiment_name,
+            tracker.uri,
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent_id = os.environ.pop(ENV_PARENT_RUN, None)

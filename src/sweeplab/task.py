@@ -11,21 +11,22 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab import figures
 from sweeplab.data import Data, load_data
 from sweeplab.device import resolve_device
+from sweeplab.job import Job
 from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS
+from sweeplab.provenance import code_state, dataset_input, environment_tags
 from sweeplab.representations import representations
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import SweepConfig, TrackingConfig, TrainerConfig
 from sweeplab.seeding import seed_everything
-from sweeplab.job import Job
 from sweeplab.tracking import TAG_REUSED, RunLog, Tracker, config_hash
 from sweeplab.train import History, MetricRows, evaluate, fit, steps_per_epoch
 
@@ -67,8 +68,10 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
         sweep: SweepConfig = OmegaConf.to_object(cfg.sweep)
         device = resolve_device(cfg.device)
-        if job.parent_run_id and sweep.skip_completed:  # the sweep's store exists: ask it first
-            done = _reuse_finished(Tracker(tracking, job.launch_dir, os.environ, job.parent_run_id), cfg, job)
+        tracker = None
+        if job.parent_run_id:  # a sweep's store exists already: ask it before loading any data
+            tracker = Tracker(tracking, job.launch_dir, os.environ, job.parent_run_id)
+            done = _reuse_finished(tracker, cfg, job) if sweep.skip_completed else None
             if done is not None:
                 return done
         generator = seed_everything(cfg.seed)
@@ -79,7 +82,8 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
         per_epoch = steps_per_epoch(len(data.train), trainer)
         scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
-        tracker = Tracker(tracking, job.launch_dir, os.environ, job.parent_run_id)
+        # a single run opens its store only once everything else is known to be valid
+        tracker = tracker or Tracker(tracking, job.launch_dir, os.environ)
     log.info(
         "%s on %s (%d threads): %d train / %d val / %d test samples, %s",
         cfg.model.name,
@@ -90,12 +94,17 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         len(data.test),
         tracker,
     )
-    with tracker.start_run(cfg, job) as run_log:
+    code_tags, diff = code_state(Path(__file__).parent)
+    with tracker.start_run(cfg, job, code_tags | environment_tags(device)) as run_log:
         with watch("tracking"):
+            run_log.log_dataset(dataset_input(cfg.data.name, data))
             run_log.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+            if diff:
+                run_log.log_text(diff, "code/diff.patch")
             hydra_dir = job.output_dir / ".hydra"
             if hydra_dir.is_dir():
                 run_log.log_folder(hydra_dir, ".hydra")
+
         def log_rows(rows: MetricRows) -> None:
             with watch("tracking"):
                 run_log.log_rows(rows)

@@ -19,11 +19,11 @@ from typing import Any
 import mlflow
 import torch
 from matplotlib.figure import Figure
+from mlflow.data.dataset import Dataset
 from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
-from mlflow.utils.git_utils import get_git_commit
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab.errors import ConfigError
@@ -82,7 +82,9 @@ def config_hash(cfg: DictConfig) -> str:
 def run_params(cfg: DictConfig, job: Job) -> dict[str, Any]:
     """Every resolved config value by dotted key, plus the chosen option of every group."""
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    groups = {f"choice.{group}": option for group, option in job.choices.items() if not group.startswith("hydra")}
+    groups = {
+        f"choice.{group}": option for group, option in job.choices.items() if not group.startswith("hydra")
+    }
     return params | groups
 
 
@@ -135,15 +137,15 @@ class Tracker:
         return runs[0] if runs else None
 
     @contextlib.contextmanager
-    def start_run(self, cfg: DictConfig, job: Job) -> Iterator["RunLog"]:
+    def start_run(self, cfg: DictConfig, job: Job, tags: dict[str, str]) -> Iterator["RunLog"]:
         """A run that ends FINISHED, or FAILED (tagged with the reason) if the block raises."""
-        tags = {"sweeplab.overrides": " ".join(job.overrides), TAG_HASH: config_hash(cfg)}
-        commit = get_git_commit(str(Path(__file__).parent))
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
+        tags = {"sweeplab.overrides": " ".join(job.overrides), TAG_HASH: config_hash(cfg), **tags}
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(
-            experiment_id=self.experiment_id, run_name=job.name, tags=tags, parent_run_id=self.parent_run_id
+            experiment_id=self.experiment_id,
+            run_name=job.name,
+            tags=tags,
+            parent_run_id=self.parent_run_id,
         ) as run:
             mlflow.log_params(run_params(cfg, job))
             try:
@@ -181,6 +183,10 @@ class RunLog:
 
     def log_folder(self, folder: Path, path: str) -> None:
         self.client.log_artifacts(self.run_id, str(folder), path)
+
+    def log_dataset(self, dataset: Dataset) -> None:
+        """The data the run trained on, as an MLflow dataset input with its digest."""
+        mlflow.log_input(dataset, context="training")
 
     def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
         """The model, on CPU, with a signature; ``mlflow.pytorch.load_model`` brings it back.
