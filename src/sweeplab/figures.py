@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from scipy.signal import savgol_filter
+from sklearn import metrics
 from sklearn.decomposition import PCA
-from sklearn.metrics import ConfusionMatrixDisplay
 
 from sweeplab.train import History
 
@@ -64,7 +64,7 @@ def pca_scatter(x: np.ndarray, y: np.ndarray, classes: list[str], title: str) ->
     fig = Figure(figsize=(7.5, 6))
     fig.subplots_adjust(left=0.1, right=0.8, bottom=0.09, top=0.93)
     ax = fig.add_subplot()
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=y, cmap="tab10", s=4, alpha=0.7, rasterized=True)
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=y, cmap="tab10", s=4, alpha=0.7, linewidths=0)
     handles, _ = scatter.legend_elements(num=None)  # one entry per class, even past 9
     present = np.unique(y)
     ax.legend(
@@ -82,12 +82,24 @@ def pca_scatter(x: np.ndarray, y: np.ndarray, classes: list[str], title: str) ->
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> Figure:
-    """Test-set confusion matrix with counts, drawn by scikit-learn."""
+    """Test-set confusion matrix with counts.
+
+    Counted by scikit-learn but drawn here: ``ConfusionMatrixDisplay`` imports pyplot, which picks
+    a GUI backend and holds global figure state - neither belongs in a headless training run.
+    """
+    counts = metrics.confusion_matrix(y_true, y_pred, labels=range(len(classes)))
     fig = Figure(figsize=(7, 6.5))
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.1, top=0.94)
     ax = fig.add_subplot()
-    ConfusionMatrixDisplay.from_predictions(
-        y_true, y_pred, labels=range(len(classes)), display_labels=classes, ax=ax, colorbar=False
-    )
+    ax.imshow(counts, cmap="Blues")
+    threshold = (counts.max() + counts.min()) / 2  # dark cells get white text
+    for (row, col), count in np.ndenumerate(counts):
+        color = "white" if count > threshold else "black"
+        ax.text(col, row, str(count), ha="center", va="center", color=color, fontsize=8)
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=45, ha="right")
+    ax.set_yticks(ticks, classes)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
     ax.set_title("test confusion matrix")
     return fig

@@ -77,6 +77,7 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         generator = seed_everything(cfg.seed)
     with watch("data"):
         data = load_data(cfg.data, device)
+        dataset = dataset_input(cfg.data.name, data)  # hashing what was read is part of reading it
     with watch("setup"):
         model = MODELS.build(cfg.model, data.in_features, len(data.classes)).to(device)
         optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
@@ -84,6 +85,7 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
         # a single run opens its store only once everything else is known to be valid
         tracker = tracker or Tracker(tracking, job.launch_dir, os.environ)
+        code_tags, diff = code_state(Path(__file__).parent)
     log.info(
         "%s on %s (%d threads): %d train / %d val / %d test samples, %s",
         cfg.model.name,
@@ -94,10 +96,12 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         len(data.test),
         tracker,
     )
-    code_tags, diff = code_state(Path(__file__).parent)
-    with tracker.start_run(cfg, job, code_tags | environment_tags(device)) as run_log:
-        with watch("tracking"):
-            run_log.log_dataset(dataset_input(cfg.data.name, data))
+    with contextlib.ExitStack() as open_run:
+        with watch("tracking"):  # creating the run and logging its params count as tracking too
+            run_log = open_run.enter_context(
+                tracker.start_run(cfg, job, code_tags | environment_tags(device))
+            )
+            run_log.log_dataset(dataset)
             run_log.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
             if diff:
                 run_log.log_text(diff, "code/diff.patch")
