@@ -31,7 +31,7 @@ import torchvision.transforms as transforms
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from sweeplab.cli import CONFIG_DIR
+from sweeplab import CONFIG_DIR
 from sweeplab.data import load_data
 from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from sweeplab.cli import CONFIG_DIR
+from sweeplab import CONFIG_DIR
 from sweeplab.job import Job
 
 REPO = Path(__file__).resolve().parents[1]

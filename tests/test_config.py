@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from conftest import FAST
-from sweeplab.cli import CONFIG_DIR
+from sweeplab import CONFIG_DIR
 from sweeplab.data import DATASETS
 from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS

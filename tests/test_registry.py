@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
 from conftest import FAST
-from sweeplab.cli import CONFIG_DIR
+from sweeplab import CONFIG_DIR
 from sweeplab.errors import ConfigError
 from sweeplab.models import MODELS
 from sweeplab.task import run

@@ -54,6 +54,7 @@ def test_ls_filters_with_override_syntax_newest_first(known_runs, capsys) -> Non
     assert [r["name"] for r in _json(capsys, "ls")] == ["d", "c", "b", "a"]
     assert [r["name"] for r in _json(capsys, "ls", "model=mlp", "optimizer.lr=1e-2")] == ["d", "b"]
     assert [r["name"] for r in _json(capsys, "ls", "model=logreg")] == ["a"]
+    assert [r["name"] for r in _json(capsys, "ls", "seed=0", "model=logreg")] == ["a"]  # a top-level key
 
 
 def test_best_skips_unfinished_runs(known_runs, capsys) -> None:

@@ -12,14 +12,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 # importing the registries stores every group's schema in Hydra's ConfigStore before composition
-from sweeplab import data, models, optimizers, schedulers, schema  # noqa: F401
+from sweeplab import CONFIG_DIR, data, models, optimizers, schedulers, schema  # noqa: F401
 from sweeplab.errors import ConfigError
 from sweeplab.job import ENV_PARENT_RUN, ENV_URI, Job
 from sweeplab.train import DivergedError
 
 log = logging.getLogger("sweeplab")
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # An unreachable tracking server should fail a job in seconds, not after minutes of retries;
 # users who want more patience set these variables themselves.

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from sweeplab import CONFIG_DIR
 from sweeplab.schema import TrackingConfig
 from sweeplab.tracking import TAG_FAILURE, tracking_uri
 
@@ -47,7 +48,7 @@ def filter_string(filters: Sequence[str]) -> str:
             raise UsageError(f"filter {override.input_line!r}: give one value per key, not a sweep")
         key = override.key_or_group
         value = str(override.value()).replace("'", "\\'")
-        param = key if "." in key else f"choice.{key}"
+        param = f"choice.{key}" if (CONFIG_DIR / key).is_dir() else key  # model=mlp: a group option
         clauses.append(f"params.`{param}` = '{value}'")
     return " and ".join(clauses)
 
