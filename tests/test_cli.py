@@ -1,5 +1,6 @@
 """The ``sweeplab`` command as users run it: one run per call, clear errors for bad input."""
 
+import hashlib
 import os
 import re
 import socket
@@ -191,3 +192,7 @@ def test_tiny_mnist_files_train_offline(tmp_path: Path, store: str, tiny_mnist: 
     (logged,) = _runs(store)
     assert logged.data.metrics["test/acc"] > 0.9
     assert logged.data.params["data.root"] == str(tiny_mnist)
+    (dataset_input,) = logged.inputs.dataset_inputs  # provenance: the MD5 of the files read
+    raw = sorted((tiny_mnist / "MNIST" / "raw").iterdir())
+    assert dataset_input.dataset.digest == hashlib.md5(b"".join(p.read_bytes() for p in raw)).hexdigest()
+    assert str(tiny_mnist / "MNIST" / "raw") in dataset_input.dataset.source

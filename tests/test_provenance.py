@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from conftest import FAST, run_cli
+from conftest import FAST
 from sweeplab.provenance import code_state, environment_tags, md5_of_files
 from sweeplab.task import run
 
@@ -56,28 +56,3 @@ def test_run_logs_provenance_and_a_dataset_input(compose_cfg, store: str, job) -
     assert dataset_input.dataset.name == "synthetic" and len(dataset_input.dataset.digest) == 32
     if logged.data.tags.get("sweeplab.git_dirty") == "true":
         assert "code/diff.patch" in {a.path for a in client.list_artifacts(logged.info.run_id, "code")}
-
-
-def test_mnist_input_digest_is_the_md5_of_the_files_read(
-    tmp_path: Path, store: str, tiny_mnist: Path
-) -> None:
-    result = run_cli(
-        [
-            "data=mnist",
-            f"data.root={tiny_mnist}",
-            "data.val_size=20",
-            "model=logreg",
-            "device=cpu",
-            "trainer.epochs=1",
-            "tracking.figures=false",
-            "tracking.log_model=false",
-        ],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    client = mlflow.MlflowClient(store)
-    (logged,) = client.search_runs([client.get_experiment_by_name("sweeplab").experiment_id])
-    (dataset_input,) = logged.inputs.dataset_inputs
-    raw = sorted((tiny_mnist / "MNIST" / "raw").iterdir())
-    assert dataset_input.dataset.digest == hashlib.md5(b"".join(p.read_bytes() for p in raw)).hexdigest()
-    assert str(tiny_mnist / "MNIST" / "raw") in dataset_input.dataset.source
