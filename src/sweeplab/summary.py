@@ -2,7 +2,6 @@
 
 import math
 import re
-import time
 
 import numpy as np
 import pandas as pd
@@ -11,10 +10,10 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Run
+from mlflow.entities import Run
 
 from sweeplab.schema import SweepConfig
-from sweeplab.tracking import TAG_REUSED
+from sweeplab.tracking import TAG_REUSED, RunLog
 
 METRICS = ["test/acc", "test/loss", "val/acc", "val/loss", "best/val_acc", "time/training_s"]
 
@@ -142,19 +141,18 @@ def summarize(
     client.log_text(parent_id, table.to_csv(index=False), "summary/sweep.csv")
     client.log_text(parent_id, markdown(table), "summary/sweep.md")
 
-    counts = {
+    metrics = {
         "sweep/children": len(runs),
         "sweep/finished": int((table.status == "FINISHED").sum()),
         "sweep/failed": int((table.status == "FAILED").sum()),
         "sweep/reused": len(reused),
     }
     finished = table[(table.status == "FINISHED") & table[sweep.objective].notna()]
-    metrics = dict(counts)
     if len(finished):
         best = finished.iloc[0]
         client.set_tag(parent_id, "sweeplab.best_run_id", best.run_id)
         client.set_tag(parent_id, "sweeplab.best_run_name", best.run_name)
-        best_metrics = client.get_run(best.run_id).data.metrics
+        best_metrics = next(run for run, _ in runs if run.info.run_id == best.run_id).data.metrics
         # best/val_acc is already a "best" metric; everything else gets the prefix
         metrics |= {
             key if key.startswith("best/") else f"best/{key}": value
@@ -172,6 +170,5 @@ def summarize(
                 parallel_coordinates(table, swept, sweep.objective),
                 "summary/parallel_coordinates.png",
             )
-    now = int(time.time() * 1000)
-    client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    RunLog(client, parent_id).log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
     return table

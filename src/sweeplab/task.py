@@ -118,8 +118,8 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         with watch("evaluation"):
             test = evaluate(model, data.test, trainer.eval_batch_size)
         final = {"test/loss": test.loss, "test/acc": test.acc}
-        if history.val_acc:
-            final["best/val_acc"] = max(history.val_acc)
+        if history.best_val_acc is not None:
+            final["best/val_acc"] = history.best_val_acc
         with watch("tracking"):
             run_log.log_metrics(final, step=history.epoch_end_steps[-1])
         log.info("test/loss %.4f | test/acc %.4f", test.loss, test.acc)
