@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 # importing the registries stores every group's schema in Hydra's ConfigStore before composition
 from sweeplab import CONFIG_DIR, data, models, optimizers, schedulers, schema  # noqa: F401
 from sweeplab.errors import ConfigError
+from sweeplab.interrupt import Interrupted
 from sweeplab.job import ENV_PARENT_RUN, ENV_URI, Job
 from sweeplab.train import DivergedError
 
@@ -53,15 +54,22 @@ def main(cfg: DictConfig) -> float:
     keep_going = job.multirun and cfg.sweep.on_error == "continue"
     try:
         results = run(cfg, job)
+    except Interrupted as stop:  # the run is KILLED and checkpointed; the sweep stops with it
+        if job.parent_run_id:
+            from sweeplab.sweep import end_parent
+
+            end_parent(os.environ[ENV_URI], job.parent_run_id, "KILLED", f"a job was {stop}")
+        log.error("%s", stop)
+        sys.exit(stop.exit_code)
     except Exception as exc:
         user_error = isinstance(exc, (ConfigError, DivergedError))
         if keep_going:
             log.error("job failed, the sweep goes on: %s", exc if user_error else repr(exc))
             return math.nan
         if job.parent_run_id:
-            from sweeplab.sweep import fail_parent
+            from sweeplab.sweep import end_parent
 
-            fail_parent(os.environ[ENV_URI], job.parent_run_id, f"{type(exc).__name__}: {exc}")
+            end_parent(os.environ[ENV_URI], job.parent_run_id, "FAILED", f"{type(exc).__name__}: {exc}")
         if not user_error:
             raise
         log.error("%s", exc)  # a config, data or store problem (exit 2) or a diverged run (exit 1)

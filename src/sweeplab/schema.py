@@ -80,6 +80,22 @@ class SweepConfig:
 
 
 @dataclasses.dataclass
+class CheckpointConfig:
+    """What survives an interruption: training state saved to the job's ``checkpoints/`` folder."""
+
+    # save at the end of every N-th epoch; 0 = only when interrupted (SIGINT/SIGTERM)
+    every_n_epochs: int = 1
+    # periodic checkpoints kept on disk, newest first (the best one is kept besides)
+    keep_last: int = 1
+    # also keep checkpoints/best.pt, the state with the highest val/acc so far
+    save_best: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.every_n_epochs >= 0, "checkpoint.every_n_epochs", self.every_n_epochs, "an integer >= 0")
+        require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "an integer >= 1")
+
+
+@dataclasses.dataclass
 class Config:
     """The composed config; registry-backed groups are typed by their option's ``schema/<group>/<name>``."""
 
@@ -92,6 +108,11 @@ class Config:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    # an MLflow run id or a checkpoint file: continue that run from its latest checkpoint
+    resume: str | None = None
+    # resume even if the config now differs in keys that change results
+    resume_force: bool = False
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)

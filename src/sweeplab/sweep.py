@@ -5,6 +5,8 @@ and the parent run once (jobs that race to migrate a fresh sqlite file or to cre
 experiment lose runs), and when the sweep ends it writes the summary onto the parent.
 """
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -13,17 +15,19 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
+from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab.job import ENV_PARENT_RUN, ENV_URI
 from sweeplab.schema import SweepConfig, TrackingConfig
 from sweeplab.summary import summarize
-from sweeplab.tracking import TAG_FAILURE, Tracker
+from sweeplab.tracking import TAG_FAILURE, TAG_STOPPED, Tracker
 
 log = logging.getLogger(__name__)
 
 TAG_SWEEP = "sweeplab.sweep"
+# on a parent: a digest of the sweep command, so that re-running an interrupted sweep finds it
+TAG_SWEEP_KEY = "sweeplab.sweep_key"
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -38,26 +42,52 @@ def swept_keys(config: DictConfig) -> list[str]:
     return list(dict.fromkeys([*keys, *params]))
 
 
+def sweep_key(config: DictConfig) -> str:
+    """Equal for the same sweep command: its overrides and the sweeper's settings."""
+    sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=True)
+    payload = {"overrides": list(config.hydra.overrides.task), "sweeper": sweeper}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _interrupted_parent(tracker: Tracker, key: str) -> Run | None:
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=(
+            f"tags.`{TAG_SWEEP}` = 'parent' and tags.`{TAG_SWEEP_KEY}` = '{key}' "
+            "and attributes.status = 'KILLED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
 class MlflowSweepCallback(Callback):
     """Parent run at multirun start, summary and FINISHED at multirun end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracking: TrackingConfig = OmegaConf.to_object(config.tracking)
         tracker = Tracker(tracking, Path(config.hydra.runtime.cwd), os.environ)
-        overrides = " ".join(config.hydra.overrides.task)
-        parent = tracker.client.create_run(
-            tracker.experiment_id,
-            run_name=f"sweep: {overrides}" if overrides else "sweep",
-            tags={TAG_SWEEP: "parent", "sweeplab.overrides": overrides},
-        )
+        key = sweep_key(config)
+        interrupted = _interrupted_parent(tracker, key)
+        if interrupted:  # the same sweep was interrupted: carry on under its parent
+            parent_id = interrupted.info.run_id
+            tracker.client.update_run(parent_id, status="RUNNING")
+            if TAG_STOPPED in interrupted.data.tags:
+                tracker.client.delete_tag(parent_id, TAG_STOPPED)
+            log.info("resuming the interrupted sweep of parent run %s", parent_id)
+        else:
+            overrides = " ".join(config.hydra.overrides.task)
+            parent_id = tracker.client.create_run(
+                tracker.experiment_id,
+                run_name=f"sweep: {overrides}" if overrides else "sweep",
+                tags={TAG_SWEEP: "parent", TAG_SWEEP_KEY: key, "sweeplab.overrides": overrides},
+            ).info.run_id
         # every job logs to exactly this store and nests its run under this parent
         os.environ[ENV_URI] = tracker.uri
-        os.environ[ENV_PARENT_RUN] = parent.info.run_id
+        os.environ[ENV_PARENT_RUN] = parent_id
         log.info(
-            "MLflow parent run %s in experiment %r (%s)",
-            parent.info.run_id,
-            tracking.experiment_name,
-            tracker.uri,
+            "MLflow parent run %s in experiment %r (%s)", parent_id, tracking.experiment_name, tracker.uri
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -68,12 +98,12 @@ class MlflowSweepCallback(Callback):
         sweep: SweepConfig = OmegaConf.to_object(config.sweep)
         tracker = Tracker(tracking, Path(config.hydra.runtime.cwd), os.environ, parent_run_id=parent_id)
         summarize(tracker.client, parent_id, tracker.experiment_id, swept_keys(config), sweep)
-        tracker.client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FINISHED))
+        tracker.client.set_terminated(parent_id, "FINISHED")
 
 
-def fail_parent(tracking_uri: str, parent_run_id: str, reason: str) -> None:
-    """End the parent FAILED when a job stops the sweep (``sweep.on_error=raise``): the
-    callback's ``on_multirun_end`` does not run after a failed sweep."""
+def end_parent(tracking_uri: str, parent_run_id: str, status: str, reason: str) -> None:
+    """End the parent FAILED when a job stops the sweep (``sweep.on_error=raise``), or KILLED
+    when a job was interrupted: the callback's ``on_multirun_end`` does not run then."""
     client = MlflowClient(tracking_uri)
-    client.set_tag(parent_run_id, TAG_FAILURE, reason[:5000])
-    client.set_terminated(parent_run_id, RunStatus.to_string(RunStatus.FAILED))
+    client.set_tag(parent_run_id, TAG_FAILURE if status == "FAILED" else TAG_STOPPED, reason[:5000])
+    client.set_terminated(parent_run_id, status)

@@ -17,20 +17,36 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab import figures
+from sweeplab.checkpoint import Checkpointer, restore, training_state
 from sweeplab.data import Data, load_data
 from sweeplab.device import resolve_device
+from sweeplab.errors import ConfigError
+from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.job import Job
 from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.provenance import code_state, dataset_input, environment_tags
 from sweeplab.representations import representations
+from sweeplab.resume import RESUME_KEYS, ResumePoint, latest_checkpoint, locate, resumed_config
 from sweeplab.schedulers import SCHEDULERS
-from sweeplab.schema import SweepConfig, TrackingConfig, TrainerConfig
+from sweeplab.schema import CheckpointConfig, SweepConfig, TrackingConfig, TrainerConfig
 from sweeplab.seeding import seed_everything
-from sweeplab.tracking import TAG_REUSED, RunLog, Tracker, config_hash
-from sweeplab.train import History, MetricRows, evaluate, fit, steps_per_epoch
+from sweeplab.tracking import (
+    TAG_CHECKPOINTS,
+    TAG_REUSED,
+    TAG_STOPPED,
+    RunLog,
+    Tracker,
+    config_hash,
+    result_config,
+)
+from sweeplab.train import History, MetricRows, Progress, evaluate, fit, steps_per_epoch
 
 log = logging.getLogger(__name__)
+
+TAG_PARENT = "mlflow.parentRunId"
+# on a resumed run: the checkpoint it last continued from
+TAG_RESUMED = "sweeplab.resumed_from"
 
 
 class Stopwatch:
@@ -61,28 +77,56 @@ class Stopwatch:
 
 
 def run(cfg: DictConfig, job: Job) -> dict[str, float]:
-    """Train and evaluate the configured model, logging everything to one MLflow run."""
+    """Train and evaluate the configured model, logging everything to one MLflow run.
+
+    With ``resume=<run id|checkpoint>``, or inside a sweep that finds a KILLED run with this
+    config, the run is reopened and training continues from its latest checkpoint.
+    """
     watch = Stopwatch()
     with watch("setup"):
-        trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)
         tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
         sweep: SweepConfig = OmegaConf.to_object(cfg.sweep)
-        device = resolve_device(cfg.device)
-        tracker = None
-        if job.parent_run_id:  # a sweep's store exists already: ask it before loading any data
+        tracker, point = None, None
+        if cfg.resume:
+            tracker = Tracker(tracking, job.launch_dir, os.environ)
+            point = locate(cfg.resume, tracker.client)
+            cfg = resumed_config(cfg, point, job.overrides)
+        elif job.parent_run_id:  # a sweep's store exists already: ask it before loading any data
             tracker = Tracker(tracking, job.launch_dir, os.environ, job.parent_run_id)
-            done = _reuse_finished(tracker, cfg, job) if sweep.skip_completed else None
-            if done is not None:
-                return done
+            if sweep.skip_completed:
+                done = _reuse_finished(tracker, cfg, job)
+                if done is not None:
+                    return done
+                point = _interrupted(tracker, cfg, job)
+        tracking = OmegaConf.to_object(cfg.tracking)  # a resumed run's own (figures, log_model)
+        trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)
+        checkpointing: CheckpointConfig = OmegaConf.to_object(cfg.checkpoint)
+        device = resolve_device(cfg.device)
         generator = seed_everything(cfg.seed)
     with watch("data"):
         data = load_data(cfg.data, device)
         dataset = dataset_input(cfg.data.name, data)  # hashing what was read is part of reading it
+    if point and point.state["data_digest"] != dataset.digest and not cfg.resume_force:
+        raise ConfigError(
+            f"resume={point.run_id}: the data files under data.root={cfg.data.root!r} differ from the ones "
+            f"the run was trained on (MD5 {dataset.digest}, was {point.state['data_digest']}); "
+            "add resume_force=true to continue on these."
+        )
     with watch("setup"):
         model = MODELS.build(cfg.model, data.in_features, len(data.classes)).to(device)
         optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
         per_epoch = steps_per_epoch(len(data.train), trainer)
         scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
+        progress = Progress.start(per_epoch * trainer.epochs, device)
+        if point:
+            restore(point.state, model, optimizer, scheduler, generator, progress)
+            log.info(
+                "resuming run %s from %s (epoch %d, step %d)",
+                point.run_id,
+                point.path,
+                progress.epoch,
+                progress.step,
+            )
         # a single run opens its store only once everything else is known to be valid
         tracker = tracker or Tracker(tracking, job.launch_dir, os.environ)
         code_tags, diff = code_state(Path(__file__).parent)
@@ -96,25 +140,63 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         len(data.test),
         tracker,
     )
-    with contextlib.ExitStack() as open_run:
+    guard = SignalGuard()
+    with guard.installed(), contextlib.ExitStack() as open_run:
         with watch("tracking"):  # creating the run and logging its params count as tracking too
             run_log = open_run.enter_context(
-                tracker.start_run(cfg, job, code_tags | environment_tags(device))
+                tracker.start_run(
+                    cfg,
+                    job,
+                    code_tags | environment_tags(device),
+                    resume_run_id=point.run_id if point else None,
+                )
             )
-            run_log.log_dataset(dataset)
-            run_log.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
-            if diff:
-                run_log.log_text(diff, "code/diff.patch")
-            hydra_dir = job.output_dir / ".hydra"
-            if hydra_dir.is_dir():
-                run_log.log_folder(hydra_dir, ".hydra")
+            if point:
+                checkpoints = Checkpointer(point.folder, checkpointing)
+                _reopen(run_log, point, job)
+            else:
+                # one folder per run: a fixed hydra.run.dir must not mix two runs' checkpoints
+                checkpoints = Checkpointer(job.output_dir / "checkpoints" / run_log.run_id, checkpointing)
+                run_log.set_tag(TAG_CHECKPOINTS, str(checkpoints.folder.resolve()))
+                run_log.log_dataset(dataset)
+                run_log.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+                if diff:
+                    run_log.log_text(diff, "code/diff.patch")
+                hydra_dir = job.output_dir / ".hydra"
+                if hydra_dir.is_dir():
+                    run_log.log_folder(hydra_dir, ".hydra")
+        meta = {
+            "run_id": run_log.run_id,
+            "config": result_config(cfg),
+            "overrides": [o for o in job.overrides if o.split("=")[0] not in RESUME_KEYS],
+            "data_digest": dataset.digest,
+        }
 
-        def log_rows(rows: MetricRows) -> None:
+        def state(rows: MetricRows) -> dict:
+            return training_state(model, optimizer, scheduler, generator, progress, rows, meta)
+
+        def epoch_end(rows: MetricRows) -> None:
+            """Checkpoint first, then log: a resume re-logs rows that never reached MLflow."""
+            val_acc = progress.history.val_acc
+            improved = bool(val_acc) and val_acc[-1] > max(val_acc[:-1], default=-1.0)
+            with watch("checkpoint"):
+                checkpoints.epoch_end(lambda: state(rows), progress.epoch, progress.step, improved)
             with watch("tracking"):
                 run_log.log_rows(rows)
 
-        with watch("training"):
-            history = fit(model, data, optimizer, scheduler, trainer, generator, log_rows)
+        try:
+            with watch("training"), guard.deferred():
+                history = fit(
+                    model, data, optimizer, scheduler, trainer, generator, epoch_end, progress, guard
+                )
+        except Interrupted as stop:
+            where = f"epoch {progress.epoch + 1} of {trainer.epochs}, step {progress.step}"
+            saved = checkpoints.save(state([]), progress.epoch, progress.step) if stop.clean else None
+            run_log.set_tag(
+                TAG_STOPPED, f"{stop} at {where}; checkpoint: {saved or 'none (stopped at once)'}"
+            )
+            log.warning("%s at %s; resume with: sweeplab resume=%s", stop, where, run_log.run_id)
+            raise
         with watch("evaluation"):
             test = evaluate(model, data.test, trainer.eval_batch_size)
         final = {"test/loss": test.loss, "test/acc": test.acc}
@@ -135,14 +217,37 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
 
 
 def _reuse_finished(tracker: Tracker, cfg: DictConfig, job: Job) -> dict[str, float] | None:
-    """Metrics of a FINISHED run with this job's config hash, recorded on the sweep's parent."""
+    """Metrics of a FINISHED run with this job's config hash, recorded on the sweep's parent
+    unless the run is already one of its children (a resumed sweep)."""
     digest = config_hash(cfg)
     done = tracker.finished_run(digest)
     if done is None:
         return None
-    tracker.client.set_tag(job.parent_run_id, f"{TAG_REUSED}{digest}", done.info.run_id)
+    if done.data.tags.get(TAG_PARENT) != job.parent_run_id:
+        tracker.client.set_tag(job.parent_run_id, f"{TAG_REUSED}{digest}", done.info.run_id)
     log.info("skipped: run %s (%s) already FINISHED with this config", done.info.run_id, done.info.run_name)
     return dict(done.data.metrics)
+
+
+def _interrupted(tracker: Tracker, cfg: DictConfig, job: Job) -> ResumePoint | None:
+    """A KILLED run with this job's config and a checkpoint: the sweep continues it, under its
+    own parent."""
+    killed = tracker.interrupted_run(config_hash(cfg))
+    found = latest_checkpoint(killed) if killed else None
+    if found is None:
+        return None
+    if killed.data.tags.get(TAG_PARENT) != job.parent_run_id:
+        tracker.client.set_tag(killed.info.run_id, TAG_PARENT, job.parent_run_id)
+    return ResumePoint(killed.info.run_id, *found)
+
+
+def _reopen(run_log: RunLog, point: ResumePoint, job: Job) -> None:
+    """Log the closing epoch's rows if the process died before MLflow got them; note the resume."""
+    rows = point.state["rows"]
+    logged = run_log.client.get_metric_history(run_log.run_id, "time/epoch_s")
+    if rows and rows[-1][0] > max((m.step for m in logged), default=-1):
+        run_log.log_rows(rows)
+    run_log.set_tag(TAG_RESUMED, str(point.path))
 
 
 def _log_figures(

@@ -20,13 +20,14 @@ import mlflow
 import torch
 from matplotlib.figure import Figure
 from mlflow.data.dataset import Dataset
-from mlflow.entities import Metric, Run
+from mlflow.entities import Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab.errors import ConfigError
+from sweeplab.interrupt import Interrupted
 from sweeplab.job import ENV_URI, Job
 from sweeplab.schema import TrackingConfig
 
@@ -36,6 +37,9 @@ TAG_HASH = "sweeplab.config_hash"
 TAG_FAILURE = "sweeplab.failure"
 # + config hash, on a sweep's parent: the FINISHED run a job reused instead of training again
 TAG_REUSED = "sweeplab.reused."
+# where a run keeps its checkpoints (absolute), and why and where an interrupted run stopped
+TAG_CHECKPOINTS = "sweeplab.checkpoint_dir"
+TAG_STOPPED = "sweeplab.stopped"
 
 
 def tracking_uri(cfg: TrackingConfig, launch_dir: Path, environ: Mapping[str, str]) -> str:
@@ -70,13 +74,19 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A digest of the resolved config minus ``tracking`` and ``sweep``, which change where and
-    whether a run is logged, not what it computes."""
+# top-level keys that change where, whether or from where a run is logged, not what it computes
+NOT_RESULTS = ("tracking", "sweep", "checkpoint", "resume", "resume_force")
+
+
+def result_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config minus ``NOT_RESULTS``: what two runs must share to compute the same."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("tracking", None)
-    container.pop("sweep", None)
-    return hashlib.sha256(json.dumps(container, sort_keys=True).encode()).hexdigest()[:16]
+    return {key: value for key, value in container.items() if key not in NOT_RESULTS}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A digest of ``result_config``: equal for runs that compute the same thing."""
+    return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_params(cfg: DictConfig, job: Job) -> dict[str, Any]:
@@ -136,23 +146,48 @@ class Tracker:
         )
         return runs[0] if runs else None
 
+    def interrupted_run(self, config_digest: str) -> Run | None:
+        """The newest KILLED run of this experiment with this config hash, if any."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_HASH}` = '{config_digest}' and attributes.status = 'KILLED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
     @contextlib.contextmanager
-    def start_run(self, cfg: DictConfig, job: Job, tags: dict[str, str]) -> Iterator["RunLog"]:
-        """A run that ends FINISHED, or FAILED (tagged with the reason) if the block raises."""
-        tags = {"sweeplab.overrides": " ".join(job.overrides), TAG_HASH: config_hash(cfg), **tags}
+    def start_run(
+        self, cfg: DictConfig, job: Job, tags: dict[str, str], resume_run_id: str | None = None
+    ) -> Iterator["RunLog"]:
+        """A new run, or ``resume_run_id`` reopened, that ends FINISHED; KILLED if the block is
+        interrupted by a signal; FAILED, tagged with the reason, if it raises."""
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(
-            experiment_id=self.experiment_id,
-            run_name=job.name,
-            tags=tags,
-            parent_run_id=self.parent_run_id,
-        ) as run:
+        if resume_run_id:
+            run = mlflow.start_run(run_id=resume_run_id)  # params stay as first logged
+            if TAG_STOPPED in run.data.tags:
+                self.client.delete_tag(resume_run_id, TAG_STOPPED)
+        else:
+            tags = {"sweeplab.overrides": " ".join(job.overrides), TAG_HASH: config_hash(cfg), **tags}
+            run = mlflow.start_run(
+                experiment_id=self.experiment_id,
+                run_name=job.name,
+                tags=tags,
+                parent_run_id=self.parent_run_id,
+            )
             mlflow.log_params(run_params(cfg, job))
-            try:
-                yield RunLog(self.client, run.info.run_id)
-            except BaseException as exc:
-                self.client.set_tag(run.info.run_id, TAG_FAILURE, f"{type(exc).__name__}: {exc}"[:5000])
-                raise
+        status = RunStatus.FINISHED
+        try:
+            yield RunLog(self.client, run.info.run_id)
+        except Interrupted:
+            status = RunStatus.KILLED
+            raise
+        except BaseException as exc:
+            status = RunStatus.FAILED
+            self.client.set_tag(run.info.run_id, TAG_FAILURE, f"{type(exc).__name__}: {exc}"[:5000])
+            raise
+        finally:
+            mlflow.end_run(RunStatus.to_string(status))
 
     def __repr__(self) -> str:
         return f"Tracker({self.uri!r}, experiment {self.cfg.experiment_name!r})"
@@ -177,6 +212,9 @@ class RunLog:
 
     def log_figure(self, figure: Figure, name: str) -> None:
         self.client.log_figure(self.run_id, figure, f"figures/{name}.png")
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sweeplab.data import Data, Split
+from sweeplab.interrupt import SignalGuard
 from sweeplab.schema import TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,59 @@ class History:
         return max(self.val_acc) if self.val_acc else None
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where training stands at a step boundary: what a checkpoint saves and a resume restores.
+
+    ``fit`` keeps it current after every step, so an interrupted run can be saved part-way
+    through an epoch and continue with the same batches in the same order.
+    """
+
+    step_loss: torch.Tensor  # every step's loss (on the device, sized for the whole run)
+    step_acc: torch.Tensor
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    order: torch.Tensor | None = None  # the shuffle of an epoch stopped part-way
+    lrs: dict[int, float] = dataclasses.field(default_factory=dict)  # that epoch's logged lrs
+    history: History = dataclasses.field(default_factory=lambda: History(np.empty(0), np.empty(0)))
+
+    @classmethod
+    def start(cls, total_steps: int, device: torch.device) -> "Progress":
+        return cls(torch.zeros(total_steps, device=device), torch.zeros(total_steps, device=device))
+
+    def state_dict(self) -> dict:
+        """Plain tensors, numbers and lists: loadable with ``torch.load(weights_only=True)``."""
+        history = self.history
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "order": None if self.order is None else self.order.cpu(),
+            "lrs": dict(self.lrs),
+            "step_loss": self.step_loss[: self.step].cpu(),
+            "step_acc": self.step_acc[: self.step].cpu(),
+            "epoch_end_steps": list(history.epoch_end_steps),
+            "val_loss": list(history.val_loss),
+            "val_acc": list(history.val_acc),
+            "train_seconds": history.train_seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step = state["epoch"], state["step"]
+        device = self.step_loss.device
+        self.order = None if state["order"] is None else state["order"].to(device)
+        self.lrs = dict(state["lrs"])
+        self.step_loss[: self.step] = state["step_loss"].to(device)
+        self.step_acc[: self.step] = state["step_acc"].to(device)
+        self.history = History(
+            np.empty(0),
+            np.empty(0),
+            list(state["epoch_end_steps"]),
+            list(state["val_loss"]),
+            list(state["val_acc"]),
+            state["train_seconds"],
+        )
+
+
 def steps_per_epoch(n_samples: int, cfg: TrainerConfig) -> int:
     steps = n_samples // cfg.batch_size if cfg.drop_last else math.ceil(n_samples / cfg.batch_size)
     if steps == 0:
@@ -87,32 +141,36 @@ def fit(
     cfg: TrainerConfig,
     generator: torch.Generator,
     log_rows: Callable[[MetricRows], None],
+    progress: Progress,
+    stop: SignalGuard,
 ) -> History:
-    """Train for ``cfg.epochs`` epochs; log step and epoch metrics through ``log_rows``.
+    """Train from ``progress`` to ``cfg.epochs`` epochs; log step and epoch metrics through
+    ``log_rows`` once per epoch, after ``progress`` has been brought to the epoch's end.
 
-    A progress bar is drawn only on a terminal; every epoch also ends with one log line.
+    Between steps ``stop.raise_if_requested()`` ends training with ``progress`` current. A
+    progress bar is drawn only on a terminal; every epoch also ends with one log line.
     """
     train = data.train
     n, batch = len(train), cfg.batch_size
     per_epoch = steps_per_epoch(n, cfg)
     device = train.x.device
-    step_loss = torch.zeros(per_epoch * cfg.epochs, device=device)
-    step_acc = torch.zeros(per_epoch * cfg.epochs, device=device)
+    step_loss, step_acc, history = progress.step_loss, progress.step_acc, progress.history
     # per-step weights turn batch means into exact epoch means when the last batch is smaller
     weights = torch.full((per_epoch,), float(batch))
     if not cfg.drop_last:
         weights[-1] = n - batch * (per_epoch - 1)
-    history = History(step_loss=np.empty(0), step_acc=np.empty(0))
     window = cfg.log_every_n_steps
-    step = 0
-    bar = tqdm(total=len(step_loss), unit="step", disable=not sys.stderr.isatty(), leave=False)
+    step = progress.step
+    bar = tqdm(total=len(step_loss), initial=step, unit="step", disable=not sys.stderr.isatty(), leave=False)
     with bar, logging_redirect_tqdm():
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             started = time.perf_counter()
             model.train()
-            order = torch.randperm(n, generator=generator).to(device)
-            lrs: dict[int, float] = {}
-            for i in range(per_epoch):
+            if progress.order is None:
+                progress.order = torch.randperm(n, generator=generator).to(device)
+            order, lrs = progress.order, progress.lrs
+            first = step - (epoch - 1) * per_epoch  # > 0 when resuming part-way through an epoch
+            for i in range(first, per_epoch):
                 idx = order[i * batch : (i + 1) * batch]
                 x, y = train.x.index_select(0, idx), train.y.index_select(0, idx)
                 logits = model(x)
@@ -130,7 +188,9 @@ def fit(
                             f"train/loss became non-finite at step {step} (epoch {epoch}): lower optimizer.lr"
                         )
                 scheduler.step()
+                progress.step = step
                 bar.update()
+                stop.raise_if_requested()
             losses, accs = step_loss[:step].cpu(), step_acc[:step].cpu()  # the epoch's one sync
             train_seconds = time.perf_counter() - started
             history.train_seconds += train_seconds
@@ -151,7 +211,7 @@ def fit(
             epoch_metrics = {
                 "train/epoch_loss": float((epoch_losses * weights).sum() / weights.sum()),
                 "train/epoch_acc": float((epoch_accs * weights).sum() / weights.sum()),
-                "throughput/samples_per_s": n / train_seconds,
+                "throughput/samples_per_s": n * (per_epoch - first) / per_epoch / train_seconds,
             }
             if len(data.val):
                 val = evaluate(model, data.val, cfg.eval_batch_size)
@@ -160,6 +220,7 @@ def fit(
                 epoch_metrics |= {"val/loss": val.loss, "val/acc": val.acc}
             epoch_metrics["time/epoch_s"] = time.perf_counter() - started
             history.epoch_end_steps.append(step)
+            progress.epoch, progress.order, progress.lrs = epoch, None, {}
             log_rows([*rows, (step, epoch_metrics)])
             summary = " | ".join(f"{k} {v:.4g}" for k, v in epoch_metrics.items())
             log.info("epoch %d/%d | %s", epoch, cfg.epochs, summary)

@@ -1,0 +1,247 @@
+"""Checkpoints, interruption by signals, and resuming: runs and sweeps that survive a stop."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from conftest import SWEEPLAB, run_cli
+from sweeplab.checkpoint import BEST, Checkpointer, load, load_latest, write_atomic
+from sweeplab.interrupt import Interrupted, SignalGuard
+from sweeplab.schema import CheckpointConfig
+
+QUIET = ["tracking.figures=false", "tracking.log_model=false", "device=cpu"]
+# ~1 s epochs on this data: long enough to be interrupted part-way through one
+SLOW = ["data=synthetic", "data.n_samples=40000", "trainer.batch_size=16", "trainer.epochs=4", *QUIET]
+# the metrics whose history must not change when a run is stopped and resumed (timings do)
+COMPARED = [
+    "train/loss",
+    "train/acc",
+    "train/lr",
+    "train/epoch_loss",
+    "train/epoch_acc",
+    "val/loss",
+    "val/acc",
+]
+
+
+def _runs(uri: str) -> list[mlflow.entities.Run]:
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweeplab")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = mlflow.MlflowClient(uri)
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in [*COMPARED, "test/acc", "test/loss"]
+    }
+
+
+def _start(args: list[str], cwd: Path, until: str, count: int = 1) -> tuple[subprocess.Popen, str]:
+    """Start the CLI and return once ``until`` has appeared ``count`` times in its log."""
+    process = subprocess.Popen(
+        [str(SWEEPLAB), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if sum(until in s for s in seen) >= count:
+            return process, "".join(seen)
+    process.wait()
+    pytest.fail(f"the run ended before {until!r} was logged:\n" + "".join(seen)[-3000:])
+
+
+def test_sigint_checkpoints_kills_run_and_resume_matches_uninterrupted(tmp_path: Path, store: str) -> None:
+    reference = run_cli(SLOW, cwd=tmp_path)
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    (uninterrupted,) = _runs(store)
+
+    process, _ = _start(SLOW, tmp_path, until="epoch 2/4")
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, rest
+    stopped = _runs(store)[-1]
+    assert stopped.info.status == "KILLED"
+    tag = stopped.data.tags["sweeplab.stopped"]
+    assert tag.startswith("stopped by SIGINT at epoch 3 of 4") or tag.startswith(
+        "stopped by SIGINT at epoch 4"
+    ), tag
+    folder = Path(stopped.data.tags["sweeplab.checkpoint_dir"])
+    path, state = load_latest(folder)
+    assert state["run_id"] == stopped.info.run_id and state["progress"]["step"] > 2 * 1870
+    assert str(path) in tag
+    assert (folder / BEST).is_file()
+
+    changed = run_cli([f"resume={stopped.info.run_id}", "optimizer.lr=0.5"], cwd=tmp_path)
+    assert changed.returncode == 2
+    assert "optimizer.lr" in changed.stderr + changed.stdout and "resume_force=true" in changed.stdout
+    assert _runs(store)[-1].info.status == "KILLED"  # a refused resume touches nothing
+
+    resumed = run_cli([f"resume={stopped.info.run_id}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    runs = _runs(store)
+    assert len(runs) == 2  # the same run continued, no new one
+    finished = runs[-1]
+    assert finished.info.run_id == stopped.info.run_id and finished.info.status == "FINISHED"
+    assert "sweeplab.stopped" not in finished.data.tags
+    assert finished.data.params == stopped.data.params
+    # bit-identical on CPU: the same batches, dropout masks and optimizer state, step for step
+    assert _history(store, finished.info.run_id) == _history(store, uninterrupted.info.run_id)
+
+
+KILL_DURING_WRITE = textwrap.dedent(
+    """
+    import os, sys
+    import sweeplab.checkpoint as checkpoint
+
+    writes = []
+
+    def publish(tmp, path):  # dies like kill -9 between the temp write and the rename
+        writes.append(path)
+        if path.name.startswith("epoch3"):
+            os.kill(os.getpid(), 9)
+        os.replace(tmp, path)
+
+    checkpoint._publish = publish
+    from sweeplab.cli import main
+
+    sys.argv = ["sweeplab", *sys.argv[1:]]
+    main()
+    """
+)
+
+TINY = ["data=synthetic", "trainer.epochs=4", "trainer.log_every_n_steps=3", "checkpoint.keep_last=2", *QUIET]
+
+
+def test_kill_during_checkpoint_write_keeps_previous_one_and_resume_works(tmp_path: Path, store: str) -> None:
+    reference = run_cli(TINY, cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    (uninterrupted,) = _runs(store)
+
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_WRITE, *TINY], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    crashed = _runs(store)[-1]
+    assert crashed.info.status == "RUNNING"  # nothing could mark it; resume still may
+    folder = Path(crashed.data.tags["sweeplab.checkpoint_dir"])
+    assert [p.name for p in folder.glob("*.tmp")] == ["epoch3-step18.pt.tmp"]
+    path, state = load_latest(folder)
+    assert path.name == "epoch2-step12.pt" and state["progress"]["epoch"] == 2
+
+    resumed = run_cli([f"resume={crashed.info.run_id}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    finished = _runs(store)[-1]
+    assert finished.info.run_id == crashed.info.run_id and finished.info.status == "FINISHED"
+    assert _history(store, finished.info.run_id) == _history(store, uninterrupted.info.run_id)
+    assert not list(folder.glob("*.tmp"))  # the next save cleans up what the killed one left
+    assert sorted(p.name for p in folder.glob("epoch*")) == ["epoch3-step18.pt", "epoch4-step24.pt"]
+
+
+def test_resume_by_checkpoint_path_and_refusals(tmp_path: Path, store: str) -> None:
+    done = run_cli(TINY, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (finished,) = _runs(store)
+    folder = Path(finished.data.tags["sweeplab.checkpoint_dir"])
+
+    again = run_cli([f"resume={finished.info.run_id}"], cwd=tmp_path)
+    assert again.returncode == 2 and "already FINISHED" in again.stdout
+
+    by_path = run_cli([f"resume={folder / 'epoch4-step24.pt'}"], cwd=tmp_path)
+    assert by_path.returncode == 2 and "already FINISHED" in by_path.stdout
+
+    unknown = run_cli(["resume=0123456789abcdef"], cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "resume=0123456789abcdef: no such MLflow run" in unknown.stdout
+
+    (folder / "garbage.pt").write_bytes(b"not a checkpoint")
+    garbage = run_cli([f"resume={folder / 'garbage.pt'}"], cwd=tmp_path)
+    assert garbage.returncode == 2 and "garbage.pt is not a readable sweeplab checkpoint" in garbage.stdout
+    assert len(_runs(store)) == 1
+
+
+def test_interrupted_sweep_resumes_its_job_and_parent(tmp_path: Path, store: str) -> None:
+    sweep = [
+        "-m",
+        "optimizer.lr=0.1,0.05,0.02,0.01",
+        "data=synthetic",
+        "data.n_samples=40000",
+        "trainer.batch_size=16",
+        "trainer.epochs=2",
+        *QUIET,
+    ]
+    process, _ = _start(sweep, tmp_path, until="#2 : ")
+    for line in process.stdout:  # job 3 has started training: stop it in its second epoch
+        if "epoch 1/2" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, rest
+
+    client = mlflow.MlflowClient(store)
+    (parent,) = [r for r in _runs(store) if r.data.tags.get("sweeplab.sweep") == "parent"]
+    assert parent.info.status == "KILLED"
+    children = [r for r in _runs(store) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED", "KILLED"]
+    killed_id = children[2].info.run_id
+
+    rerun = run_cli(sweep, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert rerun.stdout.count("already FINISHED with this config") == 2
+    assert f"resuming run {killed_id}" in rerun.stdout
+    parents = [r for r in _runs(store) if r.data.tags.get("sweeplab.sweep") == "parent"]
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]  # the same parent, carried on
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    children = [r for r in _runs(store) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert killed_id in {c.info.run_id for c in children}
+    assert parent.data.metrics["sweep/children"] == 4 and parent.data.metrics["sweep/finished"] == 4
+
+
+def test_checkpointer_keeps_newest_and_best_and_writes_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keeper = Checkpointer(tmp_path, CheckpointConfig(every_n_epochs=2, keep_last=2, save_best=True))
+
+    def state(epoch: int) -> dict:
+        return {"format": 1, "epoch": epoch, "weights": torch.full((3,), float(epoch))}
+
+    for epoch, improved in [(1, True), (2, False), (3, False), (4, True), (5, False), (6, False)]:
+        keeper.epoch_end(lambda e=epoch: state(e), epoch, 10 * epoch, improved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST, "epoch4-step40.pt", "epoch6-step60.pt"]
+    assert load(tmp_path / BEST)["epoch"] == 4
+
+    def die(tmp: Path, path: Path) -> None:
+        raise KeyboardInterrupt  # stopped between the temp write and the rename
+
+    monkeypatch.setattr("sweeplab.checkpoint._publish", die)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(state(7), tmp_path / "epoch6-step60.pt")
+    assert load(tmp_path / "epoch6-step60.pt")["epoch"] == 6
+
+
+def test_first_signal_waits_for_the_step_the_second_stops_at_once() -> None:
+    guard = SignalGuard()
+    with guard.installed(), pytest.raises(Interrupted) as stopped:
+        with guard.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert guard.requested  # handled, but training goes on to the step's end
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert not stopped.value.clean and stopped.value.exit_code == 143
+
+    guard = SignalGuard()
+    with guard.installed(), pytest.raises(Interrupted) as stopped:
+        with guard.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            guard.raise_if_requested()
+    assert stopped.value.clean and stopped.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
