@@ -10,7 +10,9 @@ from matplotlib.figure import Figure
 from scipy.signal import savgol_filter
 from sklearn import metrics
 from sklearn.decomposition import PCA
+from torch import nn
 
+from sweeplab.representations import representations
 from sweeplab.train import History
 
 
@@ -81,8 +83,19 @@ def pca_scatter(x: np.ndarray, y: np.ndarray, classes: list[str], title: str) ->
     return fig
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> Figure:
-    """Test-set confusion matrix with counts.
+def pca_figures(model: nn.Module, x: torch.Tensor, y: np.ndarray, classes: list[str]) -> dict[str, Figure]:
+    """``pca_input`` and ``pca_<layer>`` for every hidden representation of ``model`` on ``x``."""
+    what = f"{len(x)} samples"
+    found = {"pca_input": pca_scatter(x.cpu().numpy(), y, classes, f"input space ({what})")}
+    for layer, reps in representations(model, x).items():
+        found[f"pca_{layer}"] = pca_scatter(reps.numpy(), y, classes, f"after {layer} ({what})")
+    return found
+
+
+def confusion_matrix(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], split: str = "test"
+) -> Figure:
+    """Confusion matrix of one split, with counts.
 
     Counted by scikit-learn but drawn here: ``ConfusionMatrixDisplay`` imports pyplot, which picks
     a GUI backend and holds global figure state - neither belongs in a headless training run.
@@ -101,5 +114,5 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str])
     ax.set_yticks(ticks, classes)
     ax.set_xlabel("predicted label")
     ax.set_ylabel("true label")
-    ax.set_title("test confusion matrix")
+    ax.set_title(f"{split} confusion matrix")
     return fig

@@ -116,3 +116,41 @@ class Config:
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """``sweeplab-eval``: which trained model to evaluate, on which data and split."""
+
+    # the MLflow run whose logged model is evaluated, or a checkpoint file (one of the two)
+    run_id: str | None = None
+    checkpoint: str | None = None
+    split: str = "test"
+    # None: the data config the run was trained with; data=<name> evaluates on another dataset
+    data: Any = None
+    device: str = "auto"
+    # None: the run's trainer.eval_batch_size, so the numbers match the run's own
+    eval_batch_size: int | None = None
+    # confusion matrix and PCA figures of the split and of every hidden layer
+    figures: bool = True
+    # seeds the choice of samples shown in the PCA figures
+    seed: int = 0
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        require(
+            (self.run_id is None) != (self.checkpoint is None),
+            "run_id/checkpoint",
+            (self.run_id, self.checkpoint),
+            "exactly one of run_id=<MLflow run id> or checkpoint=<path to a .pt file>",
+        )
+        require(self.split in ("train", "val", "test"), "split", self.split, "train, val or test")
+        require(
+            self.eval_batch_size is None or self.eval_batch_size >= 1,
+            "eval_batch_size",
+            self.eval_batch_size,
+            "an integer >= 1, or null",
+        )
+
+
+ConfigStore.instance().store(name="eval_schema", node=EvalConfig)

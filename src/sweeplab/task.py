@@ -26,7 +26,6 @@ from sweeplab.job import Job
 from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.provenance import code_state, dataset_input, environment_tags
-from sweeplab.representations import representations
 from sweeplab.resume import RESUME_KEYS, ResumePoint, latest_checkpoint, locate, resumed_config
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import CheckpointConfig, SweepConfig, TrackingConfig, TrainerConfig
@@ -268,16 +267,9 @@ def _log_figures(
     )
     run_log.log_figure(figures.curves(history), "curves")
     picked = torch.randperm(n, generator=rng)[: pca_samples or n].to(data.train.x.device)
-    x, labels = data.train.x[picked], data.train.y[picked].cpu().numpy()
-    run_log.log_figure(
-        figures.pca_scatter(x.cpu().numpy(), labels, data.classes, f"input space ({len(picked)} samples)"),
-        "pca_input",
-    )
-    for layer, reps in representations(model, x).items():
-        run_log.log_figure(
-            figures.pca_scatter(reps.numpy(), labels, data.classes, f"after {layer} ({len(picked)} samples)"),
-            f"pca_{layer}",
-        )
+    labels = data.train.y[picked].cpu().numpy()
+    for name, figure in figures.pca_figures(model, data.train.x[picked], labels, data.classes).items():
+        run_log.log_figure(figure, name)
     run_log.log_figure(
         figures.confusion_matrix(data.test.y.cpu().numpy(), test_predictions.cpu().numpy(), data.classes),
         "confusion_matrix",

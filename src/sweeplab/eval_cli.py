@@ -1,0 +1,32 @@
+"""The ``sweeplab-eval`` command: a Hydra app around ``sweeplab.evaluation.run_eval``."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+# importing the registries stores every group's schema in Hydra's ConfigStore before composition
+from sweeplab import CONFIG_DIR, data, models, schema  # noqa: F401
+from sweeplab.errors import ConfigError
+
+log = logging.getLogger("sweeplab")
+
+# one line of output per artifact download is noise in a command whose output is a results table
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def main(cfg: DictConfig) -> float:
+    """Evaluate one trained model; return its accuracy on the chosen split."""
+    from sweeplab.evaluation import run_eval  # heavy imports only once composition worked
+
+    try:
+        metrics = run_eval(cfg, Path(HydraConfig.get().runtime.cwd))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    return metrics[f"{cfg.split}/acc"]

@@ -1,0 +1,165 @@
+"""Evaluate a trained model on one split of a dataset: what ``sweeplab-eval`` does.
+
+The model is the run's logged model (``run_id=``) or a checkpoint's weights (``checkpoint=``);
+the data config and evaluation batch size default to the ones it was trained with, so the
+test split gives back the run's own ``test/acc`` exactly. Results go to a new MLflow run in the
+same experiment, tagged with the evaluated run's id.
+"""
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import Param, RunStatus
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from sweeplab import checkpoint, figures
+from sweeplab.data import Data, load_data
+from sweeplab.device import resolve_device
+from sweeplab.errors import ConfigError
+from sweeplab.models import MODELS
+from sweeplab.schema import EvalConfig
+from sweeplab.tracking import RunLog, Tracker, flatten
+from sweeplab.train import evaluate
+
+log = logging.getLogger(__name__)
+
+TAG_EVALUATED = "sweeplab.evaluated_run"
+
+
+def run_eval(cfg: DictConfig, launch_dir: Path) -> dict[str, float]:
+    """Evaluate, print and log; return the logged metrics."""
+    settings: EvalConfig = OmegaConf.to_object(cfg)
+    tracker = Tracker(settings.tracking, launch_dir, os.environ)
+    source_run, trained, state = _source(settings, tracker)
+    device = resolve_device(settings.device)
+    data_cfg = cfg.data if cfg.data is not None else trained.data
+    data = load_data(data_cfg, device)
+    split = getattr(data, settings.split)
+    if not len(split):
+        raise ConfigError(
+            f"split={settings.split} is empty (data.val_size=0): use split=train or split=test."
+        )
+    model = _model(settings, trained, state, data, device)
+    result = evaluate(model, split, settings.eval_batch_size or trained.trainer.eval_batch_size)
+    name = settings.split
+    correct = torch.bincount(split.y[result.predictions == split.y], minlength=len(data.classes))
+    counts = torch.bincount(split.y, minlength=len(data.classes))
+    per_class = {
+        label: (c / n).item() for label, c, n in zip(data.classes, correct, counts, strict=True) if n
+    }
+    metrics = {f"{name}/loss": result.loss, f"{name}/acc": result.acc}
+    metrics |= {f"{name}/class_acc/{_metric_safe(label)}": acc for label, acc in per_class.items()}
+    print(_table(name, result.loss, result.acc, per_class))
+
+    evaluated = source_run.info.run_id if source_run else state["run_id"]
+    experiment_id = source_run.info.experiment_id if source_run else tracker.experiment_id
+    run = tracker.client.create_run(
+        experiment_id,
+        run_name=f"eval {name}: {source_run.info.run_name if source_run else evaluated}",
+        tags={TAG_EVALUATED: evaluated, "sweeplab.evaluated_from": settings.checkpoint or "logged model"},
+    )
+    run_log = RunLog(tracker.client, run.info.run_id)
+    status = RunStatus.FAILED
+    try:
+        params = flatten(
+            OmegaConf.to_container(cfg, resolve=True) | {"data": OmegaConf.to_container(data_cfg)}
+        )
+        tracker.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        run_log.log_metrics(metrics, step=0)
+        if settings.figures:
+            _log_figures(run_log, model, data, split, result.predictions, name, settings)
+        status = RunStatus.FINISHED
+    finally:
+        tracker.client.set_terminated(run.info.run_id, RunStatus.to_string(status))
+    log.info("logged to run %s (evaluating %s)", run.info.run_id, evaluated)
+    return metrics
+
+
+def _source(settings: EvalConfig, tracker: Tracker) -> tuple[Any, DictConfig, dict[str, Any] | None]:
+    """The evaluated run (None if a checkpoint's run is not in this store), the config it was
+    trained with, and the checkpoint's state when evaluating a checkpoint."""
+    if settings.checkpoint:
+        state = checkpoint.load(Path(settings.checkpoint).expanduser())
+        try:
+            run = tracker.client.get_run(state["run_id"])
+        except MlflowException:
+            run = None
+        return run, OmegaConf.create(state["config"]), state
+    try:
+        run = tracker.client.get_run(settings.run_id)
+    except MlflowException as exc:
+        raise ConfigError(
+            f"run_id={settings.run_id}: no such MLflow run in {tracker.uri}; sweeplab-runs ls lists the runs."
+        ) from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = tracker.client.download_artifacts(settings.run_id, "config/resolved.yaml", tmp)
+        except (MlflowException, OSError) as exc:
+            raise ConfigError(
+                f"run_id={settings.run_id}: the run has no config/resolved.yaml artifact; "
+                "was it logged by sweeplab?"
+            ) from exc
+        return run, OmegaConf.load(path), None
+
+
+def _model(
+    settings: EvalConfig, trained: DictConfig, state: dict[str, Any] | None, data: Data, device: torch.device
+) -> nn.Module:
+    if state is not None:
+        model = MODELS.build(trained.model, data.in_features, len(data.classes))
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"checkpoint={settings.checkpoint}: its weights do not fit {trained.model.name} on "
+                f"{data.in_features} inputs and {len(data.classes)} classes: {str(exc).splitlines()[0]}"
+            ) from exc
+        return model.to(device)
+    try:
+        return mlflow.pytorch.load_model(f"runs:/{settings.run_id}/model", map_location=device)
+    except MlflowException as exc:
+        raise ConfigError(
+            f"run_id={settings.run_id}: the run has no logged model (was tracking.log_model=false?); "
+            "evaluate one of its checkpoints with checkpoint=<path> instead."
+        ) from exc
+
+
+def _log_figures(
+    run_log: RunLog,
+    model: nn.Module,
+    data: Data,
+    split: Any,
+    predictions: torch.Tensor,
+    name: str,
+    settings: EvalConfig,
+) -> None:
+    y = split.y.cpu().numpy()
+    figure = figures.confusion_matrix(y, predictions.cpu().numpy(), data.classes, split=name)
+    run_log.log_figure(figure, "confusion_matrix")
+    n = len(split)
+    picked = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed))
+    picked = picked[: settings.tracking.pca_samples or n].to(split.x.device)
+    for fig_name, figure in figures.pca_figures(
+        model, split.x[picked], y[picked.cpu()], data.classes
+    ).items():
+        run_log.log_figure(figure, fig_name)
+
+
+def _metric_safe(label: str) -> str:
+    """Class names as MLflow metric-name characters (letters, digits, _ - . space : /)."""
+    return re.sub(r"[^\w\-. :/]", "_", label)
+
+
+def _table(split: str, loss: float, acc: float, per_class: dict[str, float]) -> str:
+    width = max(len(label) for label in per_class)
+    lines = [f"{split}/loss {loss:.4f}", f"{split}/acc  {acc:.4f}", "per-class accuracy:"]
+    lines += [f"  {label:<{width}}  {value:.4f}" for label, value in per_class.items()]
+    return "\n".join(lines)
