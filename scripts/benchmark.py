@@ -5,7 +5,7 @@
    optimizer and training code (imported from the package), for the same epochs and seed, and
    prints seconds per epoch, test accuracy and the speed-up.
 2. Runs ``sweeplab experiment=seed_mlp`` end to end in a subprocess against a throwaway sqlite
-   store and prints where its time went and its peak RSS.
+   store and prints where its time went (checkpointing included) and its peak RSS.
 3. Runs an 8-job sweep of ``seed_logreg``-sized runs with 1 and with 2 joblib workers (wall time,
    speed-up) and measures what the sweep machinery adds per job: the parent run and the summary
    (shared by the 8 jobs) and each job's config-hash lookup, against a bare run's store setup.
@@ -33,12 +33,13 @@ from torch import nn
 
 from sweeplab import CONFIG_DIR
 from sweeplab.data import load_data
+from sweeplab.interrupt import SignalGuard
 from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import TrainerConfig
 from sweeplab.seeding import seed_everything
-from sweeplab.train import evaluate, fit, steps_per_epoch
+from sweeplab.train import Progress, evaluate, fit, steps_per_epoch
 
 
 # ---- the notebook's pipeline (baseline) --------------------------------------------------------
@@ -114,7 +115,10 @@ def sweeplab(preset: str, root: str, epochs: int, seed: int, device: str) -> tup
     optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
     per_epoch = steps_per_epoch(len(data.train), trainer)
     scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * epochs, per_epoch)
-    history = fit(model, data, optimizer, scheduler, trainer, generator, lambda rows: None)
+    progress = Progress.start(per_epoch * epochs, torch_device)
+    history = fit(
+        model, data, optimizer, scheduler, trainer, generator, lambda rows: None, progress, SignalGuard()
+    )
     return history.train_seconds / epochs, evaluate(model, data.test, trainer.eval_batch_size).acc
 
 
@@ -158,6 +162,7 @@ def end_to_end(root: str, device: str) -> None:
         "figures": metrics["time/figures_s"],
         "MLflow logging": metrics["time/tracking_s"],
         "model logging": metrics["time/model_logging_s"],
+        "checkpoints (every epoch + best)": metrics["time/checkpoint_s"],
     }
     phases = {"startup + exit (imports, Hydra)": wall - sum(phases.values()), **phases}
     for name, seconds in phases.items():
@@ -167,6 +172,10 @@ def end_to_end(root: str, device: str) -> None:
     print(
         f"  figures + MLflow + model logging = {overhead:.2f} s "
         f"= {overhead / metrics['time/training_s']:.1%} of training"
+    )
+    print(
+        f"  checkpoints = {metrics['time/checkpoint_s']:.3f} s "
+        f"= {metrics['time/checkpoint_s'] / metrics['time/training_s']:.2%} of training"
     )
     print(
         f"  test/acc {metrics['test/acc']:.4f}, mean epoch {metrics['time/training_s'] / 10:.2f} s, "

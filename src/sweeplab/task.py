@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from mlflow.data.dataset import Dataset
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab import figures
@@ -152,18 +153,12 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
             )
             if point:
                 checkpoints = Checkpointer(point.folder, checkpointing)
-                _reopen(run_log, point, job)
+                _reopen(run_log, point)
             else:
                 # one folder per run: a fixed hydra.run.dir must not mix two runs' checkpoints
                 checkpoints = Checkpointer(job.output_dir / "checkpoints" / run_log.run_id, checkpointing)
                 run_log.set_tag(TAG_CHECKPOINTS, str(checkpoints.folder.resolve()))
-                run_log.log_dataset(dataset)
-                run_log.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
-                if diff:
-                    run_log.log_text(diff, "code/diff.patch")
-                hydra_dir = job.output_dir / ".hydra"
-                if hydra_dir.is_dir():
-                    run_log.log_folder(hydra_dir, ".hydra")
+                _log_inputs(run_log, cfg, job, dataset, diff)
         meta = {
             "run_id": run_log.run_id,
             "config": result_config(cfg),
@@ -240,7 +235,18 @@ def _interrupted(tracker: Tracker, cfg: DictConfig, job: Job) -> ResumePoint | N
     return ResumePoint(killed.info.run_id, *found)
 
 
-def _reopen(run_log: RunLog, point: ResumePoint, job: Job) -> None:
+def _log_inputs(run_log: RunLog, cfg: DictConfig, job: Job, dataset: Dataset, diff: str | None) -> None:
+    """What a new run was made from: data digest, resolved config, uncommitted code, .hydra/."""
+    run_log.log_dataset(dataset)
+    run_log.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+    if diff:
+        run_log.log_text(diff, "code/diff.patch")
+    hydra_dir = job.output_dir / ".hydra"
+    if hydra_dir.is_dir():
+        run_log.log_folder(hydra_dir, ".hydra")
+
+
+def _reopen(run_log: RunLog, point: ResumePoint) -> None:
     """Log the closing epoch's rows if the process died before MLflow got them; note the resume."""
     rows = point.state["rows"]
     logged = run_log.client.get_metric_history(run_log.run_id, "time/epoch_s")
