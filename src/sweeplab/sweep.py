@@ -15,7 +15,6 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
-from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab.job import ENV_PARENT_RUN, ENV_URI
@@ -49,19 +48,6 @@ def sweep_key(config: DictConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _interrupted_parent(tracker: Tracker, key: str) -> Run | None:
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id],
-        filter_string=(
-            f"tags.`{TAG_SWEEP}` = 'parent' and tags.`{TAG_SWEEP_KEY}` = '{key}' "
-            "and attributes.status = 'KILLED'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
 class MlflowSweepCallback(Callback):
     """Parent run at multirun start, summary and FINISHED at multirun end."""
 
@@ -69,7 +55,7 @@ class MlflowSweepCallback(Callback):
         tracking: TrackingConfig = OmegaConf.to_object(config.tracking)
         tracker = Tracker(tracking, Path(config.hydra.runtime.cwd), os.environ)
         key = sweep_key(config)
-        interrupted = _interrupted_parent(tracker, key)
+        interrupted = tracker.newest_run("KILLED", {TAG_SWEEP: "parent", TAG_SWEEP_KEY: key})
         if interrupted:  # the same sweep was interrupted: carry on under its parent
             parent_id = interrupted.info.run_id
             tracker.client.update_run(parent_id, status="RUNNING")

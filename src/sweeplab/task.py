@@ -33,6 +33,7 @@ from sweeplab.schema import CheckpointConfig, SweepConfig, TrackingConfig, Train
 from sweeplab.seeding import seed_everything
 from sweeplab.tracking import (
     TAG_CHECKPOINTS,
+    TAG_HASH,
     TAG_REUSED,
     TAG_STOPPED,
     RunLog,
@@ -214,7 +215,7 @@ def _reuse_finished(tracker: Tracker, cfg: DictConfig, job: Job) -> dict[str, fl
     """Metrics of a FINISHED run with this job's config hash, recorded on the sweep's parent
     unless the run is already one of its children (a resumed sweep)."""
     digest = config_hash(cfg)
-    done = tracker.finished_run(digest)
+    done = tracker.newest_run("FINISHED", {TAG_HASH: digest})
     if done is None:
         return None
     if done.data.tags.get(TAG_PARENT) != job.parent_run_id:
@@ -226,7 +227,7 @@ def _reuse_finished(tracker: Tracker, cfg: DictConfig, job: Job) -> dict[str, fl
 def _interrupted(tracker: Tracker, cfg: DictConfig, job: Job) -> ResumePoint | None:
     """A KILLED run with this job's config and a checkpoint: the sweep continues it, under its
     own parent."""
-    killed = tracker.interrupted_run(config_hash(cfg))
+    killed = tracker.newest_run("KILLED", {TAG_HASH: config_hash(cfg)})
     found = latest_checkpoint(killed) if killed else None
     if found is None:
         return None

@@ -136,21 +136,12 @@ class Tracker:
                 f"{ENV_URI} to log to an sqlite file in the launch directory."
             ) from exc
 
-    def finished_run(self, config_digest: str) -> Run | None:
-        """The newest FINISHED run of this experiment with this config hash, if any."""
+    def newest_run(self, status: str, tags: dict[str, str]) -> Run | None:
+        """The newest run of this experiment with ``status`` and these tag values, if any."""
+        conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{TAG_HASH}` = '{config_digest}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        return runs[0] if runs else None
-
-    def interrupted_run(self, config_digest: str) -> Run | None:
-        """The newest KILLED run of this experiment with this config hash, if any."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_HASH}` = '{config_digest}' and attributes.status = 'KILLED'",
+            filter_string=" and ".join([*conditions, f"attributes.status = '{status}'"]),
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
