@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sweeplab import checkpoint, figures
-from sweeplab.data import Data, load_data
+from sweeplab.data import Data, Split, load_data
 from sweeplab.device import resolve_device
 from sweeplab.errors import ConfigError
 from sweeplab.models import MODELS
+from sweeplab.render import rendering
 from sweeplab.schema import EvalConfig
 from sweeplab.tracking import RunLog, Tracker, flatten
 from sweeplab.train import evaluate
@@ -136,21 +137,22 @@ def _log_figures(
     run_log: RunLog,
     model: nn.Module,
     data: Data,
-    split: Any,
+    split: Split,
     predictions: torch.Tensor,
     name: str,
     settings: EvalConfig,
 ) -> None:
-    y = split.y.cpu().numpy()
-    figure = figures.confusion_matrix(y, predictions.cpu().numpy(), data.classes, split=name)
-    run_log.log_figure(figure, "confusion_matrix")
+    """The split's confusion matrix, and PCA of its inputs and of every hidden layer."""
+    y, y_pred = split.y.cpu().numpy(), predictions.cpu().numpy()
     n = len(split)
     picked = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed))
-    picked = picked[: settings.tracking.pca_samples or n].to(split.x.device)
-    for fig_name, figure in figures.pca_figures(
-        model, split.x[picked], y[picked.cpu()], data.classes
-    ).items():
-        run_log.log_figure(figure, fig_name)
+    picked = picked[: settings.tracking.pca_samples or n]
+    jobs = {
+        "confusion_matrix": lambda: figures.confusion_matrix(y, y_pred, data.classes, split=name),
+        **figures.pca_jobs(model, split.x[picked.to(split.x.device)], y[picked.numpy()], data.classes),
+    }
+    with rendering(jobs) as drawing:
+        run_log.log_folder(drawing.wait(), "figures")
 
 
 def _metric_safe(label: str) -> str:

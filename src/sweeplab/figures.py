@@ -4,6 +4,8 @@ Plotting helpers take plain arrays so they work for any model and dataset. Figur
 points use fixed margins: a constrained layout draws them twice, doubling the save time.
 """
 
+import functools
+
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -12,17 +14,18 @@ from sklearn import metrics
 from sklearn.decomposition import PCA
 from torch import nn
 
+from sweeplab.render import FigureJobs
 from sweeplab.representations import representations
 from sweeplab.train import History
 
 
-def samples(x: torch.Tensor, y: torch.Tensor, classes: list[str], shape: tuple[int, ...]) -> Figure:
+def samples(x: np.ndarray, y: np.ndarray, classes: list[str], shape: tuple[int, ...]) -> Figure:
     """Training samples in a grid, each titled with its label."""
     ncol = min(len(x), 8)
     nrow = -(-len(x) // ncol)
     fig = Figure(figsize=(1.5 * ncol, 1.7 * nrow))
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, hspace=0.35, wspace=0.05)
-    images = x.reshape(len(x), *shape[-2:]).cpu().numpy()
+    images = x.reshape(len(x), *shape[-2:])
     for ax, image, label in zip(
         fig.subplots(nrow, ncol, squeeze=False).flat, images, y.tolist(), strict=False
     ):
@@ -83,13 +86,19 @@ def pca_scatter(x: np.ndarray, y: np.ndarray, classes: list[str], title: str) ->
     return fig
 
 
-def pca_figures(model: nn.Module, x: torch.Tensor, y: np.ndarray, classes: list[str]) -> dict[str, Figure]:
-    """``pca_input`` and ``pca_<layer>`` for every hidden representation of ``model`` on ``x``."""
+def pca_jobs(model: nn.Module, x: torch.Tensor, y: np.ndarray, classes: list[str]) -> FigureJobs:
+    """``pca_input`` and ``pca_<layer>`` for every hidden representation of ``model`` on ``x``.
+
+    The representations are computed now; the returned jobs only fit PCA and draw.
+    """
     what = f"{len(x)} samples"
-    found = {"pca_input": pca_scatter(x.cpu().numpy(), y, classes, f"input space ({what})")}
+    jobs: FigureJobs = {
+        "pca_input": functools.partial(pca_scatter, x.cpu().numpy(), y, classes, f"input space ({what})")
+    }
     for layer, reps in representations(model, x).items():
-        found[f"pca_{layer}"] = pca_scatter(reps.numpy(), y, classes, f"after {layer} ({what})")
-    return found
+        title = f"after {layer} ({what})"
+        jobs[f"pca_{layer}"] = functools.partial(pca_scatter, reps.numpy(), y, classes, title)
+    return jobs
 
 
 def confusion_matrix(

@@ -27,6 +27,7 @@ from sweeplab.job import Job
 from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.provenance import code_state, dataset_input, environment_tags
+from sweeplab.render import FigureJobs, rendering
 from sweeplab.resume import RESUME_KEYS, ResumePoint, latest_checkpoint, locate, resumed_config
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import CheckpointConfig, SweepConfig, TrackingConfig, TrainerConfig
@@ -200,12 +201,16 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         with watch("tracking"):
             run_log.log_metrics(final, step=history.epoch_end_steps[-1])
         log.info("test/loss %.4f | test/acc %.4f", test.loss, test.acc)
-        if tracking.figures:
+        if tracking.figures:  # drawn in a child process while this one logs the model
             with watch("figures"):
-                _log_figures(run_log, model, data, history, test.predictions, tracking.pca_samples, cfg.seed)
+                jobs = _figure_jobs(model, data, history, test.predictions, tracking.pca_samples, cfg.seed)
+                drawing = open_run.enter_context(rendering(jobs))
         if tracking.log_model:
             with watch("model_logging"):
                 run_log.log_model(model, data.test.x[:5])
+        if tracking.figures:
+            with watch("figures"):
+                run_log.log_folder(drawing.wait(), "figures")
         run_log.log_metrics(watch.metrics(), step=history.epoch_end_steps[-1])
     last_val = {"val/loss": history.val_loss[-1], "val/acc": history.val_acc[-1]} if history.val_acc else {}
     return final | last_val
@@ -256,28 +261,26 @@ def _reopen(run_log: RunLog, point: ResumePoint) -> None:
     run_log.set_tag(TAG_RESUMED, str(point.path))
 
 
-def _log_figures(
-    run_log: RunLog,
+def _figure_jobs(
     model: torch.nn.Module,
     data: Data,
     history: History,
     test_predictions: torch.Tensor,
     pca_samples: int,
     seed: int,
-) -> None:
-    """The notebook's figures: samples, curves, PCA of the input and each hidden layer, confusion."""
+) -> FigureJobs:
+    """The notebook's figures: samples, curves, PCA of the input and each hidden layer, and the
+    confusion matrix, as jobs over arrays copied off the device now."""
     rng = torch.Generator().manual_seed(seed)
-    n = len(data.train)
-    shown = torch.randperm(n, generator=rng)[:16].to(data.train.x.device)
-    run_log.log_figure(
-        figures.samples(data.train.x[shown], data.train.y[shown], data.classes, data.sample_shape), "samples"
-    )
-    run_log.log_figure(figures.curves(history), "curves")
-    picked = torch.randperm(n, generator=rng)[: pca_samples or n].to(data.train.x.device)
+    n, device = len(data.train), data.train.x.device
+    shown = torch.randperm(n, generator=rng)[:16].to(device)
+    sample_x, sample_y = data.train.x[shown].cpu().numpy(), data.train.y[shown].cpu().numpy()
+    picked = torch.randperm(n, generator=rng)[: pca_samples or n].to(device)
     labels = data.train.y[picked].cpu().numpy()
-    for name, figure in figures.pca_figures(model, data.train.x[picked], labels, data.classes).items():
-        run_log.log_figure(figure, name)
-    run_log.log_figure(
-        figures.confusion_matrix(data.test.y.cpu().numpy(), test_predictions.cpu().numpy(), data.classes),
-        "confusion_matrix",
-    )
+    y_true, y_pred = data.test.y.cpu().numpy(), test_predictions.cpu().numpy()
+    return {
+        "samples": lambda: figures.samples(sample_x, sample_y, data.classes, data.sample_shape),
+        "curves": lambda: figures.curves(history),
+        **figures.pca_jobs(model, data.train.x[picked], labels, data.classes),
+        "confusion_matrix": lambda: figures.confusion_matrix(y_true, y_pred, data.classes),
+    }
