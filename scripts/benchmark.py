@@ -6,9 +6,10 @@
    prints seconds per epoch, test accuracy and the speed-up.
 2. Runs ``sweeplab experiment=seed_mlp`` end to end in a subprocess against a throwaway sqlite
    store and prints where its time went (checkpointing included) and its peak RSS.
-3. Runs an 8-job sweep of ``seed_logreg``-sized runs with 1 and with 2 joblib workers (wall time,
-   speed-up) and measures what the sweep machinery adds per job: the parent run and the summary
-   (shared by the 8 jobs) and each job's config-hash lookup, against a bare run's store setup.
+3. Runs an 8-job sweep of ``seed_logreg``-sized runs with 1 and 2 joblib workers and with 2
+   workers of the fork launcher (wall time, speed-up) and measures what the sweep machinery adds
+   per job: the parent run and the summary (shared by the 8 jobs) and each job's config-hash
+   lookups, against a bare run's store setup.
 
 Usage: python scripts/benchmark.py [--data-root DIR] [--epochs N] [--device cpu] [--parts ...]
 The data root defaults to $SWEEPLAB_DATA_DIR; it must hold MNIST/raw/.
@@ -187,13 +188,14 @@ def end_to_end(root: str, device: str) -> None:
 SWEEP_JOBS = 8
 
 
-def sweep_wall(root: str, workers: int, workdir: Path, epochs: int) -> float:
-    """Wall time of an 8-job seed_logreg sweep (seeds 0-7) with ``workers`` joblib workers."""
+def sweep_wall(root: str, launcher: str, workers: int, workdir: Path, epochs: int) -> float:
+    """Wall time of an 8-job seed_logreg sweep (seeds 0-7) with ``workers`` workers of ``launcher``;
+    every job must end FINISHED."""
     seeds = ",".join(str(s) for s in range(SWEEP_JOBS))
     command = [
         str(Path(sys.executable).with_name("sweeplab")),
         "-m",
-        "hydra/launcher=joblib",
+        f"hydra/launcher={launcher}",
         f"hydra.launcher.n_jobs={workers}",
         "experiment=seed_logreg",
         f"trainer.epochs={epochs}",
@@ -203,7 +205,13 @@ def sweep_wall(root: str, workers: int, workdir: Path, epochs: int) -> float:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"SWEEPLAB_DATA_DIR": root}
     started = time.perf_counter()
     subprocess.run(command, cwd=workdir, env=env, check=True, capture_output=True)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = client.search_runs(["1"])
+    statuses = [r.info.status for r in runs if r.data.tags.get("sweeplab.sweep") != "parent"]
+    if statuses != ["FINISHED"] * SWEEP_JOBS:
+        raise RuntimeError(f"{launcher} with {workers} workers: job statuses {statuses}")
+    return wall
 
 
 def sweep_overhead(workdir: Path) -> dict[str, float]:
@@ -213,7 +221,7 @@ def sweep_overhead(workdir: Path) -> dict[str, float]:
 
     from sweeplab.schema import SweepConfig, TrackingConfig
     from sweeplab.summary import summarize
-    from sweeplab.tracking import Tracker, config_hash
+    from sweeplab.tracking import TAG_HASH, Tracker, config_hash
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=seed_logreg", "seed=1"])
@@ -236,7 +244,13 @@ def sweep_overhead(workdir: Path) -> dict[str, float]:
         lambda: client.create_run(tracker.experiment_id, tags={"sweeplab.sweep": "benchmark"})
     )
     bare = best_of(lambda: Tracker(tracking, workdir, env))
-    lookup = best_of(lambda: Tracker(tracking, workdir, env, parent.info.run_id).finished_run(digest))
+
+    def lookup_job() -> None:  # a sweep job asks for a FINISHED run to reuse, then a KILLED one to resume
+        job_tracker = Tracker(tracking, workdir, env, parent.info.run_id)
+        job_tracker.newest_run("FINISHED", {TAG_HASH: digest})
+        job_tracker.newest_run("KILLED", {TAG_HASH: digest})
+
+    lookup = best_of(lookup_job)
     swept = ["seed"]
     summary = best_of(
         lambda: summarize(client, parent.info.run_id, tracker.experiment_id, swept, SweepConfig()), 2
@@ -255,16 +269,18 @@ def sweep_overhead(workdir: Path) -> dict[str, float]:
 def sweeps(root: str, epochs: int) -> None:
     print(
         f"\n== {SWEEP_JOBS}-job sweep of seed_logreg, {epochs} epoch(s) each (seeds 0-{SWEEP_JOBS - 1}), "
-        "fresh sqlite store, joblib"
+        "fresh sqlite store"
     )
     walls = {}
-    for workers in (1, 2):
+    for launcher, workers in [("joblib", 1), ("joblib", 2), ("fork", 2)]:
         with tempfile.TemporaryDirectory() as workdir:
-            walls[workers] = sweep_wall(root, workers, Path(workdir), epochs)
-            if workers == 2:
+            walls[launcher, workers] = sweep_wall(root, launcher, workers, Path(workdir), epochs)
+            if workers == 2 and launcher == "joblib":
                 overhead = sweep_overhead(Path(workdir))
-        print(f"  {workers} worker(s): {walls[workers]:6.1f} s wall")
-    print(f"  speed-up with 2 workers: {walls[1] / walls[2]:.2f}x")
+        print(f"  hydra/launcher={launcher}, {workers} worker(s): {walls[launcher, workers]:6.1f} s wall")
+    baseline = walls["joblib", 1]
+    print(f"  speed-up of 2 workers over 1: joblib {baseline / walls['joblib', 2]:.2f}x, ", end="")
+    print(f"fork {baseline / walls['fork', 2]:.2f}x")
     print("  sweep machinery:")
     for name, seconds in overhead.items():
         print(f"    {name:50} {seconds * 1000:7.1f} ms")

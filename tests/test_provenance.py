@@ -5,7 +5,9 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
+from mlflow.exceptions import MlflowException
 
 from conftest import FAST
 from sweeplab.provenance import code_state, environment_tags, md5_of_files
@@ -56,3 +58,24 @@ def test_run_logs_provenance_and_a_dataset_input(compose_cfg, store: str, job) -
     assert dataset_input.dataset.name == "synthetic" and len(dataset_input.dataset.digest) == 32
     if logged.data.tags.get("sweeplab.git_dirty") == "true":
         assert "code/diff.patch" in {a.path for a in client.list_artifacts(logged.info.run_id, "code")}
+
+
+def test_dataset_input_survives_a_parallel_job_inserting_it_first(
+    compose_cfg, store: str, job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log_input = mlflow.log_input
+    calls = []
+
+    def lose_the_race(dataset, context=None):  # what a job that loses the insert race sees
+        calls.append(dataset.digest)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+        log_input(dataset, context=context)
+
+    monkeypatch.setattr(mlflow, "log_input", lose_the_race)
+    run(compose_cfg([*FAST, "tracking.figures=false", "tracking.log_model=false"]), job)
+    client = mlflow.MlflowClient(store)
+    (logged,) = client.search_runs([client.get_experiment_by_name("sweeplab").experiment_id])
+    assert logged.info.status == "FINISHED" and len(calls) == 2
+    (dataset_input,) = logged.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == calls[0]

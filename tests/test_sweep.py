@@ -100,6 +100,20 @@ def test_parallel_sweep_on_fresh_store_then_skip_then_rerun_missing(tmp_path: Pa
     assert parents[0].data.metrics["sweep/children"] == 8
 
 
+def test_fork_launcher_on_fresh_store(tmp_path: Path, fresh_store: str) -> None:
+    """Workers forked after the launcher opened the store: each opens its own connection."""
+    result = _sweep(["hydra/launcher=fork", "hydra.launcher.n_jobs=2", *GRID, *FAST, *QUIET], tmp_path)
+    assert "Launching 8 jobs in 2 forked workers" in result.stdout
+    assert "(1 threads)" in result.stdout  # 2 workers share the 2 cores
+    client = mlflow.MlflowClient(fresh_store)
+    assert client.search_runs(["0"]) == []
+    (parent,), children = _sweep_runs(fresh_store)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 8
+    assert len(children) == 8 and {c.info.status for c in children} == {"FINISHED"}
+    assert {len(c.inputs.dataset_inputs) for c in children} == {1}
+    assert len({c.data.tags["sweeplab.config_hash"] for c in children}) == 8
+
+
 def _sweep_runs_children_of(
     client: mlflow.MlflowClient, parent: mlflow.entities.Run
 ) -> list[mlflow.entities.Run]:

@@ -214,8 +214,17 @@ class RunLog:
         self.client.log_artifacts(self.run_id, str(folder), path)
 
     def log_dataset(self, dataset: Dataset) -> None:
-        """The data the run trained on, as an MLflow dataset input with its digest."""
-        mlflow.log_input(dataset, context="training")
+        """The data the run trained on, as an MLflow dataset input with its digest.
+
+        MLflow looks for the dataset's row in the experiment and inserts it when missing, so
+        two parallel jobs logging the same data can both insert and one fails on the unique
+        constraint; by then the row exists, and a second try links to it.
+        """
+        try:
+            mlflow.log_input(dataset, context="training")
+        except MlflowException as exc:
+            log.debug("retrying the dataset input after: %s", exc)
+            mlflow.log_input(dataset, context="training")
 
     def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
         """The model, on CPU, with a signature; ``mlflow.pytorch.load_model`` brings it back.
