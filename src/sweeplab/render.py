@@ -10,6 +10,7 @@ in it. Where fork is unavailable, or the child fails, the figures are drawn in t
 import logging
 import multiprocessing
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,6 +29,13 @@ def _draw(jobs: FigureJobs, folder: Path) -> None:
         make().savefig(folder / f"{name}.png")
 
 
+def _draw_in_child(jobs: FigureJobs, folder: Path) -> None:
+    # a Ctrl-C reaches the whole process group: the parent stops the run, the child just ends
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    _draw(jobs, folder)
+
+
 class Rendering:
     """Figures being drawn into ``folder``; ``wait`` returns once every file is there."""
 
@@ -35,7 +43,9 @@ class Rendering:
         self.jobs, self.folder = jobs, folder
         self._child: multiprocessing.process.BaseProcess | None = None
         if sys.platform == "linux":  # fork is the default and safe for numpy/matplotlib work there
-            self._child = multiprocessing.get_context("fork").Process(target=_draw, args=(jobs, folder))
+            self._child = multiprocessing.get_context("fork").Process(
+                target=_draw_in_child, args=(jobs, folder)
+            )
             self._child.start()
 
     def stop(self) -> None:
