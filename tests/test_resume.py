@@ -245,3 +245,25 @@ def test_first_signal_waits_for_the_step_the_second_stops_at_once() -> None:
             guard.raise_if_requested()
     assert stopped.value.clean and stopped.value.exit_code == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_forced_resume_continues_with_the_new_values(tmp_path: Path, store: str) -> None:
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_WRITE, *TINY], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    (crashed,) = _runs(store)
+
+    reshaped = run_cli(
+        [f"resume={crashed.info.run_id}", "model.hidden_dims=[8]", "resume_force=true"], tmp_path
+    )
+    assert reshaped.returncode == 2 and "does not fit the model now configured" in reshaped.stdout
+
+    forced = run_cli([f"resume={crashed.info.run_id}", "optimizer.lr=0.5", "resume_force=true"], tmp_path)
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
+    (finished,) = _runs(store)
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["sweeplab.resume_changed"] == "optimizer.lr: 0.01 -> 0.5"
+    assert finished.data.params["optimizer.lr"] == "0.01"  # params record how the run started
+    lrs = _history(store, finished.info.run_id)["train/lr"]
+    assert lrs == [(3, 0.01), (6, 0.01), (9, 0.01), (12, 0.01), (15, 0.5), (18, 0.5), (21, 0.5), (24, 0.5)]

@@ -13,6 +13,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,12 +93,29 @@ def restore(
     scheduler: LRScheduler,
     generator: torch.Generator,
     progress: Progress,
+    reconfigured: bool = False,
 ) -> None:
+    """Put every piece of training back where ``state`` left it.
+
+    ``reconfigured`` (a forced resume under a changed config): the optimizer keeps its saved
+    buffers (momentum, moments) but takes its hyperparameters from the new config, and the new
+    scheduler is stepped forward to the current step instead of being restored.
+    """
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    saved = state["optimizer"]
+    if reconfigured:
+        groups = zip(saved["param_groups"], optimizer.state_dict()["param_groups"], strict=True)
+        saved = {**saved, "param_groups": [{**new, "params": old["params"]} for old, new in groups]}
+    optimizer.load_state_dict(saved)
     restore_rng(state["rng"], generator)
     progress.load_state_dict(state["progress"])
+    if not reconfigured:
+        scheduler.load_state_dict(state["scheduler"])
+        return
+    with warnings.catch_warnings():  # stepping a scheduler ahead of its optimizer is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(progress.step):
+            scheduler.step()
 
 
 def write_atomic(state: dict[str, Any], path: Path) -> None:

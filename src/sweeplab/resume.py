@@ -33,10 +33,15 @@ class ResumePoint:
     run_id: str
     path: Path
     state: dict[str, Any]
+    # keys resume_force=true let change: (trained with, continued with)
+    changed: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
         return self.path.parent
+
+    def describe_changes(self) -> str:
+        return "; ".join(f"{key}: {before!r} -> {after!r}" for key, (before, after) in self.changed.items())
 
 
 def locate(spec: str, client: MlflowClient) -> ResumePoint:
@@ -91,13 +96,12 @@ def resumed_config(cfg: DictConfig, point: ResumePoint, overrides: list[str]) ->
     replaced = {o.key_or_group for o in given}
     saved = [o for o in parser.parse_overrides(point.state["overrides"]) if o.key_or_group not in replaced]
     composed = compose("config", overrides=[o.input_line for o in [*saved, *given]])
-    changed = differences(point.state["config"], result_config(composed))
-    if changed and not cfg.resume_force:
-        listed = "; ".join(f"{key}: {before!r} -> {after!r}" for key, (before, after) in changed.items())
+    point.changed = differences(point.state["config"], result_config(composed))
+    if point.changed and not cfg.resume_force:
         raise ConfigError(
             f"resume={cfg.resume}: the config differs from the one run {point.run_id} was trained with "
-            f"in {', '.join(changed)} ({listed}). Drop those overrides to resume it as it was, or add "
-            "resume_force=true to continue with the new values."
+            f"in {', '.join(point.changed)} ({point.describe_changes()}). Drop those overrides to "
+            "resume it as it was, or add resume_force=true to continue with the new values."
         )
     composed.resume, composed.resume_force = cfg.resume, cfg.resume_force
     return composed

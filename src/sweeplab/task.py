@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 TAG_PARENT = "mlflow.parentRunId"
 # on a resumed run: the checkpoint it last continued from
 TAG_RESUMED = "sweeplab.resumed_from"
+TAG_RESUME_CHANGED = "sweeplab.resume_changed"
 
 
 class Stopwatch:
@@ -121,7 +122,13 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
         progress = Progress.start(per_epoch * trainer.epochs, device)
         if point:
-            restore(point.state, model, optimizer, scheduler, generator, progress)
+            try:
+                restore(point.state, model, optimizer, scheduler, generator, progress, bool(point.changed))
+            except RuntimeError as exc:  # weights of another shape: resume_force cannot bridge that
+                raise ConfigError(
+                    f"resume={point.run_id}: the checkpoint {point.path} does not fit the model now "
+                    f"configured ({point.describe_changes()}): {str(exc).splitlines()[0]}"
+                ) from exc
             log.info(
                 "resuming run %s from %s (epoch %d, step %d)",
                 point.run_id,
@@ -259,6 +266,8 @@ def _reopen(run_log: RunLog, point: ResumePoint) -> None:
     if rows and rows[-1][0] > max((m.step for m in logged), default=-1):
         run_log.log_rows(rows)
     run_log.set_tag(TAG_RESUMED, str(point.path))
+    if point.changed:  # resume_force=true: say what no longer matches the params
+        run_log.set_tag(TAG_RESUME_CHANGED, point.describe_changes()[:5000])
 
 
 def _figure_jobs(
