@@ -67,6 +67,10 @@ def test_eval_of_a_checkpoint_matches_the_run_it_ends(tmp_path: Path, store: str
     assert logged.data.tags["sweeplab.evaluated_from"] == str(last)
     assert logged.data.metrics["test/acc"] == trained.data.metrics["test/acc"]
 
+    other = _eval([f"run_id={trained.info.run_id}", "data=digits", "figures=false"], tmp_path)
+    assert other.returncode == 2
+    assert "data=digits (64 input features, 10 classes) does not fit the evaluated model" in other.stdout
+
 
 def test_eval_errors_name_the_key(tmp_path: Path, store: str) -> None:
     neither = _eval([], tmp_path)

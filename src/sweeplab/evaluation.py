@@ -49,7 +49,14 @@ def run_eval(cfg: DictConfig, launch_dir: Path) -> dict[str, float]:
             f"split={settings.split} is empty (data.val_size=0): use split=train or split=test."
         )
     model = _model(settings, trained, state, data, device)
-    result = evaluate(model, split, settings.eval_batch_size or trained.trainer.eval_batch_size)
+    try:
+        result = evaluate(model, split, settings.eval_batch_size or trained.trainer.eval_batch_size)
+    except RuntimeError as exc:  # a dataset of another input size than the model was trained on
+        raise ConfigError(
+            f"data={data_cfg.name} ({data.in_features} input features, {len(data.classes)} classes) "
+            f"does not fit the evaluated model: {str(exc).splitlines()[0]}. Pick a dataset shaped like "
+            f"the one it was trained on ({trained.data.name})."
+        ) from exc
     name = settings.split
     correct = torch.bincount(split.y[result.predictions == split.y], minlength=len(data.classes))
     counts = torch.bincount(split.y, minlength=len(data.classes))
