@@ -267,3 +267,23 @@ def test_forced_resume_continues_with_the_new_values(tmp_path: Path, store: str)
     assert finished.data.params["optimizer.lr"] == "0.01"  # params record how the run started
     lrs = _history(store, finished.info.run_id)["train/lr"]
     assert lrs == [(3, 0.01), (6, 0.01), (9, 0.01), (12, 0.01), (15, 0.5), (18, 0.5), (21, 0.5), (24, 0.5)]
+
+
+def test_resume_refuses_changed_data_files(tmp_path: Path, store: str, tiny_mnist: Path) -> None:
+    args = ["data=mnist", f"data.root={tiny_mnist}", "data.val_size=20", "trainer.epochs=4", *QUIET]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_WRITE, *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    (crashed,) = _runs(store)
+    images = tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    changed = bytearray(images.read_bytes())
+    changed[-1] ^= 0xFF  # one pixel of the last training image
+    images.write_bytes(bytes(changed))
+
+    refused = run_cli([f"resume={crashed.info.run_id}"], tmp_path)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "the data read now (data=mnist, MD5" in refused.stdout and "check data.root" in refused.stdout
+    forced = run_cli([f"resume={crashed.info.run_id}", "resume_force=true"], tmp_path)
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
+    assert _runs(store)[0].info.status == "FINISHED"

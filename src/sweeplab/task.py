@@ -109,12 +109,6 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
     with watch("data"):
         data = load_data(cfg.data, device)
         dataset = dataset_input(cfg.data.name, data)  # hashing what was read is part of reading it
-    if point and point.state["data_digest"] != dataset.digest and not cfg.resume_force:
-        raise ConfigError(
-            f"resume={point.run_id}: the data files under data.root={cfg.data.root!r} differ from the ones "
-            f"the run was trained on (MD5 {dataset.digest}, was {point.state['data_digest']}); "
-            "add resume_force=true to continue on these."
-        )
     with watch("setup"):
         model = MODELS.build(cfg.model, data.in_features, len(data.classes)).to(device)
         optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
@@ -122,20 +116,7 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
         progress = Progress.start(per_epoch * trainer.epochs, device)
         if point:
-            try:
-                restore(point.state, model, optimizer, scheduler, generator, progress, bool(point.changed))
-            except RuntimeError as exc:  # weights of another shape: resume_force cannot bridge that
-                raise ConfigError(
-                    f"resume={point.run_id}: the checkpoint {point.path} does not fit the model now "
-                    f"configured ({point.describe_changes()}): {str(exc).splitlines()[0]}"
-                ) from exc
-            log.info(
-                "resuming run %s from %s (epoch %d, step %d)",
-                point.run_id,
-                point.path,
-                progress.epoch,
-                progress.step,
-            )
+            _restore(point, cfg, dataset, model, optimizer, scheduler, generator, progress)
         # a single run opens its store only once everything else is known to be valid
         tracker = tracker or Tracker(tracking, job.launch_dir, os.environ)
         code_tags, diff = code_state(Path(__file__).parent)
@@ -246,6 +227,35 @@ def _interrupted(tracker: Tracker, cfg: DictConfig, job: Job) -> ResumePoint | N
     if killed.data.tags.get(TAG_PARENT) != job.parent_run_id:
         tracker.client.set_tag(killed.info.run_id, TAG_PARENT, job.parent_run_id)
     return ResumePoint(killed.info.run_id, *found)
+
+
+def _restore(
+    point: ResumePoint,
+    cfg: DictConfig,
+    dataset: Dataset,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    progress: Progress,
+) -> None:
+    """Training state from the checkpoint, after checking it was made from the same data."""
+    if point.state["data_digest"] != dataset.digest and not cfg.resume_force:
+        raise ConfigError(
+            f"resume={point.run_id}: the data read now (data={cfg.data.name}, MD5 {dataset.digest}) differs "
+            f"from what the run was trained on (MD5 {point.state['data_digest']}): check data.root, or add "
+            "resume_force=true to continue on this data."
+        )
+    try:
+        restore(point.state, model, optimizer, scheduler, generator, progress, bool(point.changed))
+    except RuntimeError as exc:  # weights of another shape: resume_force cannot bridge that
+        raise ConfigError(
+            f"resume={point.run_id}: the checkpoint {point.path} does not fit the model now "
+            f"configured ({point.describe_changes()}): {str(exc).splitlines()[0]}"
+        ) from exc
+    log.info(
+        "resuming run %s from %s (epoch %d, step %d)", point.run_id, point.path, progress.epoch, progress.step
+    )
 
 
 def _log_inputs(run_log: RunLog, cfg: DictConfig, job: Job, dataset: Dataset, diff: str | None) -> None:
