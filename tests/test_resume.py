@@ -45,10 +45,10 @@ def _history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def _start(args: list[str], cwd: Path, until: str, count: int = 1) -> tuple[subprocess.Popen, str]:
+def _start(args: list[str], cwd: Path, until: str, count: int = 1, **popen) -> tuple[subprocess.Popen, str]:
     """Start the CLI and return once ``until`` has appeared ``count`` times in its log."""
     process = subprocess.Popen(
-        [str(SWEEPLAB), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [str(SWEEPLAB), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
     )
     seen = []
     for line in process.stdout:
@@ -205,6 +205,42 @@ def test_interrupted_sweep_resumes_its_job_and_parent(tmp_path: Path, store: str
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert killed_id in {c.info.run_id for c in children}
     assert parent.data.metrics["sweep/children"] == 4 and parent.data.metrics["sweep/finished"] == 4
+
+
+def test_ctrl_c_on_a_fork_sweep_stops_running_jobs_cleanly_and_starts_no_more(
+    tmp_path: Path, store: str
+) -> None:
+    sweep = [
+        "-m",
+        "hydra/launcher=fork",
+        "hydra.launcher.n_jobs=2",
+        "optimizer.lr=0.1,0.05,0.02,0.01",
+        "data=synthetic",
+        "data.n_samples=40000",
+        "trainer.batch_size=16",
+        "trainer.epochs=2",
+        *QUIET,
+    ]
+    # its own session, so that the Ctrl-C can go to the whole process group as a terminal's does
+    process, _ = _start(sweep, tmp_path, until="epoch 1/2", start_new_session=True)
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, rest
+    (parent,) = [r for r in _runs(store) if r.data.tags.get("sweeplab.sweep") == "parent"]
+    assert parent.info.status == "KILLED"
+    children = [r for r in _runs(store) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2  # the two running jobs; the other two never started
+    killed = {c.info.run_id for c in children if c.info.status == "KILLED"}
+    assert killed and {c.info.status for c in children} <= {"KILLED", "FINISHED"}
+    assert all("sweeplab.stopped" in c.data.tags for c in children if c.info.run_id in killed)
+
+    rerun = run_cli(sweep, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert rerun.stdout.count("resuming run") == len(killed)
+    children = [r for r in _runs(store) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert killed <= {c.info.run_id for c in children}
+    assert mlflow.MlflowClient(store).get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def test_checkpointer_keeps_newest_and_best_and_writes_atomically(

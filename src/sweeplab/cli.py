@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 # importing the registries stores every group's schema in Hydra's ConfigStore before composition
 from sweeplab import CONFIG_DIR, data, models, optimizers, schedulers, schema  # noqa: F401
 from sweeplab.errors import ConfigError
-from sweeplab.interrupt import Interrupted
+from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.job import ENV_PARENT_RUN, ENV_URI, Job
 from sweeplab.train import DivergedError
 
@@ -53,7 +53,8 @@ def main(cfg: DictConfig) -> float:
     job = current_job()
     keep_going = job.multirun and cfg.sweep.on_error == "continue"
     try:
-        results = run(cfg, job)
+        with SignalGuard().installed() as guard:  # from here a signal ends the job cleanly
+            results = run(cfg, job, guard)
     except Interrupted as stop:  # the run is KILLED and checkpointed; the sweep stops with it
         if job.parent_run_id:
             from sweeplab.sweep import end_parent

@@ -79,8 +79,11 @@ class Stopwatch:
         return {f"time/{phase}_s": seconds for phase, seconds in self.seconds.items()}
 
 
-def run(cfg: DictConfig, job: Job) -> dict[str, float]:
+def run(cfg: DictConfig, job: Job, guard: SignalGuard | None = None) -> dict[str, float]:
     """Train and evaluate the configured model, logging everything to one MLflow run.
+
+    ``guard``, installed by the caller, turns SIGINT/SIGTERM into a checkpoint at the next step
+    boundary and a KILLED run.
 
     With ``resume=<run id|checkpoint>``, or inside a sweep that finds a KILLED run with this
     config, the run is reopened and training continues from its latest checkpoint.
@@ -130,8 +133,8 @@ def run(cfg: DictConfig, job: Job) -> dict[str, float]:
         len(data.test),
         tracker,
     )
-    guard = SignalGuard()
-    with guard.installed(), contextlib.ExitStack() as open_run:
+    guard = guard or SignalGuard()  # not installed: nothing ever sets its flag
+    with contextlib.ExitStack() as open_run:
         with watch("tracking"):  # creating the run and logging its params count as tracking too
             run_log = open_run.enter_context(
                 tracker.start_run(

@@ -17,6 +17,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -101,39 +102,63 @@ class ForkLauncher(Launcher):
         _LAUNCHER, _LAUNCHING_PID = self, os.getpid()
         _watch_connections()
         jobs = [(initial_job_idx + idx, list(overrides)) for idx, overrides in enumerate(job_overrides)]
-        with ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             workers,
             mp_context=multiprocessing.get_context("fork"),
             initializer=_start_worker,
             initargs=(max(1, cores // workers),),
-        ) as pool:
+        )
+        try:
             return list(pool.map(_run_job, *zip(*jobs, strict=True)))
+        finally:  # after Ctrl-C: let running jobs checkpoint and end, start no new ones
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _start_worker(threads: int) -> None:
-    """Share the cores: N workers on N cores must not each start N torch threads."""
+    """Share the cores: N workers on N cores must not each start N torch threads. Between jobs
+    a SIGINT/SIGTERM (a Ctrl-C reaches the whole process group) only marks the worker as
+    stopping; during a job the task's own handlers stop it cleanly."""
     import torch
 
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for anything the job starts in turn
     torch.set_num_threads(threads)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop_taking_jobs)
+
+
+_stopping = False
+
+
+def _stop_taking_jobs(signum: int, frame: Any) -> None:
+    global _stopping
+    _stopping = True
 
 
 def _run_job(idx: int, overrides: list[str]) -> JobReturn:
+    """One job in a worker; none once a signal has stopped this worker's sweep (jobs already
+    queued to it are not cancelled by the launcher's shutdown)."""
+    global _stopping
     launcher = _LAUNCHER
     assert launcher is not None and launcher.hydra_context is not None and launcher.config is not None
+    if _stopping:
+        raise RuntimeError(f"job #{idx} not started: the sweep was interrupted")
     setup_globals()
     sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, overrides)
     with open_dict(sweep_config):
         sweep_config.hydra.job.id = idx
         sweep_config.hydra.job.num = idx
     HydraConfig.instance().set_config(sweep_config)
-    ret = run_job(
-        hydra_context=launcher.hydra_context,
-        task_function=launcher.task_function,
-        config=sweep_config,
-        job_dir_key="hydra.sweep.dir",
-        job_subdir_key="hydra.sweep.subdir",
-    )
+    try:
+        ret = run_job(
+            hydra_context=launcher.hydra_context,
+            task_function=launcher.task_function,
+            config=sweep_config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+    except SystemExit:  # the job was stopped by a signal (sweeplab exits 130/143)
+        _stopping = True
+        raise
     # back to the launcher by pickle: plain nodes, since structured configs may use classes
     # made at run time (the registries' schemas) that pickle cannot look up
     ret.cfg = OmegaConf.create(OmegaConf.to_container(ret.cfg))
