@@ -7,6 +7,7 @@ with those keys listed, unless ``resume_force=true``.
 """
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,11 @@ from sweeplab.checkpoint import load, load_latest
 from sweeplab.errors import ConfigError
 from sweeplab.tracking import TAG_CHECKPOINTS, flatten, result_config
 
-# the resume keys themselves, and keys that may differ without changing what is computed
+log = logging.getLogger(__name__)
+
+# a key that may differ without changing what is computed (the data digest is checked instead)
 _NOT_COMPARED = {"data.root"}
+# the overrides that ask for a resume: never part of a run's own overrides
 RESUME_KEYS = ("resume", "resume_force")
 
 
@@ -85,6 +89,11 @@ def _resumable(run: Run) -> None:
         raise ConfigError(
             f"resume={run.info.run_id}: run {run.info.run_name!r} is already FINISHED; "
             "there is nothing to resume (start a new run to train longer)."
+        )
+    if run.info.status == "RUNNING":  # killed without a word (kill -9, a lost node), or still going
+        log.warning(
+            "run %s is still marked RUNNING: resuming it assumes no other process is training it",
+            run.info.run_id,
         )
 
 
