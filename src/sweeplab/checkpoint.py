@@ -146,7 +146,7 @@ def load(path: Path) -> dict[str, Any]:
 
 def load_latest(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``folder`` that loads, skipping any that do not (with a warning)."""
-    for path in sorted(_numbered(folder), key=_step, reverse=True):
+    for path in _numbered(folder):
         try:
             return path, load(path)
         except ConfigError as exc:
@@ -155,11 +155,11 @@ def load_latest(folder: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _numbered(folder: Path) -> list[Path]:
-    return [p for p in folder.glob("epoch*-step*.pt") if _NAME.fullmatch(p.name)] if folder.is_dir() else []
-
-
-def _step(path: Path) -> int:
-    return int(_NAME.fullmatch(path.name).group(2))
+    """The ``epoch<E>-step<S>.pt`` files in ``folder``, newest (highest step) first."""
+    if not folder.is_dir():
+        return []
+    steps = {p: int(m.group(2)) for p in folder.glob("epoch*-step*.pt") if (m := _NAME.fullmatch(p.name))}
+    return sorted(steps, key=steps.__getitem__, reverse=True)
 
 
 class Checkpointer:
@@ -190,7 +190,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         """Keep the newest ``keep_last`` numbered files; drop temp files of killed writes."""
-        for path in sorted(_numbered(self.folder), key=_step, reverse=True)[self.cfg.keep_last :]:
+        for path in _numbered(self.folder)[self.cfg.keep_last :]:
             path.unlink(missing_ok=True)
         for tmp in self.folder.glob("*.tmp"):
             tmp.unlink(missing_ok=True)

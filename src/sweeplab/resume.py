@@ -101,7 +101,7 @@ def resumed_config(cfg: DictConfig, point: ResumePoint, overrides: list[str]) ->
     """The run's own overrides composed again with ``overrides`` (minus the resume keys) on top;
     refused if that changes results, unless ``cfg.resume_force``."""
     parser = OverridesParser.create()
-    given = [o for o in parser.parse_overrides(overrides) if o.key_or_group not in RESUME_KEYS]
+    given = parser.parse_overrides(own_overrides(overrides))
     replaced = {o.key_or_group for o in given}
     saved = [o for o in parser.parse_overrides(point.state["overrides"]) if o.key_or_group not in replaced]
     composed = compose("config", overrides=[o.input_line for o in [*saved, *given]])
@@ -116,9 +116,14 @@ def resumed_config(cfg: DictConfig, point: ResumePoint, overrides: list[str]) ->
     return composed
 
 
+def own_overrides(overrides: list[str]) -> list[str]:
+    """A job's overrides minus ``resume``/``resume_force``: what a resume composes again."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.input_line for o in parsed if o.key_or_group not in RESUME_KEYS]
+
+
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two result configs: (saved, current)."""
-    before = flatten({k: v for k, v in saved.items() if k not in RESUME_KEYS})
-    after = flatten(current)
+    before, after = flatten(saved), flatten(current)
     keys = sorted((before.keys() | after.keys()) - _NOT_COMPARED)
     return {key: (before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)}

@@ -28,7 +28,7 @@ from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.provenance import code_state, dataset_input, environment_tags
 from sweeplab.render import FigureJobs, rendering
-from sweeplab.resume import RESUME_KEYS, ResumePoint, latest_checkpoint, locate, resumed_config
+from sweeplab.resume import ResumePoint, latest_checkpoint, locate, own_overrides, resumed_config
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import CheckpointConfig, SweepConfig, TrackingConfig, TrainerConfig
 from sweeplab.seeding import seed_everything
@@ -100,10 +100,11 @@ def run(cfg: DictConfig, job: Job, guard: SignalGuard | None = None) -> dict[str
         elif job.parent_run_id:  # a sweep's store exists already: ask it before loading any data
             tracker = Tracker(tracking, job.launch_dir, os.environ, job.parent_run_id)
             if sweep.skip_completed:
-                done = _reuse_finished(tracker, cfg, job)
+                digest = config_hash(cfg)
+                done = _reuse_finished(tracker, digest, job)
                 if done is not None:
                     return done
-                point = _interrupted(tracker, cfg, job)
+                point = _interrupted(tracker, digest, job)
         tracking = OmegaConf.to_object(cfg.tracking)  # a resumed run's own (figures, log_model)
         trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)
         checkpointing: CheckpointConfig = OmegaConf.to_object(cfg.checkpoint)
@@ -155,7 +156,7 @@ def run(cfg: DictConfig, job: Job, guard: SignalGuard | None = None) -> dict[str
         meta = {
             "run_id": run_log.run_id,
             "config": result_config(cfg),
-            "overrides": [o for o in job.overrides if o.split("=")[0] not in RESUME_KEYS],
+            "overrides": own_overrides(job.overrides),
             "data_digest": dataset.digest,
         }
 
@@ -207,10 +208,9 @@ def run(cfg: DictConfig, job: Job, guard: SignalGuard | None = None) -> dict[str
     return final | last_val
 
 
-def _reuse_finished(tracker: Tracker, cfg: DictConfig, job: Job) -> dict[str, float] | None:
+def _reuse_finished(tracker: Tracker, digest: str, job: Job) -> dict[str, float] | None:
     """Metrics of a FINISHED run with this job's config hash, recorded on the sweep's parent
     unless the run is already one of its children (a resumed sweep)."""
-    digest = config_hash(cfg)
     done = tracker.newest_run("FINISHED", {TAG_HASH: digest})
     if done is None:
         return None
@@ -220,10 +220,10 @@ def _reuse_finished(tracker: Tracker, cfg: DictConfig, job: Job) -> dict[str, fl
     return dict(done.data.metrics)
 
 
-def _interrupted(tracker: Tracker, cfg: DictConfig, job: Job) -> ResumePoint | None:
-    """A KILLED run with this job's config and a checkpoint: the sweep continues it, under its
-    own parent."""
-    killed = tracker.newest_run("KILLED", {TAG_HASH: config_hash(cfg)})
+def _interrupted(tracker: Tracker, digest: str, job: Job) -> ResumePoint | None:
+    """A KILLED run with this job's config hash and a checkpoint: the sweep continues it, under
+    its own parent."""
+    killed = tracker.newest_run("KILLED", {TAG_HASH: digest})
     found = latest_checkpoint(killed) if killed else None
     if found is None:
         return None
