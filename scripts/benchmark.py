@@ -29,18 +29,20 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as transforms
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from torch import nn
 
-from sweeplab import CONFIG_DIR
+from sweeplab import CONFIG_MODULE
 from sweeplab.data import load_data
 from sweeplab.interrupt import SignalGuard
 from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS
+from sweeplab.record import TAG_SWEEP
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import TrainerConfig
 from sweeplab.seeding import seed_everything
-from sweeplab.train import Progress, evaluate, fit, steps_per_epoch
+from sweeplab.state import Progress, TrainingState
+from sweeplab.train import evaluate, fit, steps_per_epoch
 
 
 # ---- the notebook's pipeline (baseline) --------------------------------------------------------
@@ -106,7 +108,7 @@ def sweeplab(preset: str, root: str, epochs: int, seed: int, device: str) -> tup
         f"trainer.epochs={epochs}",
         f"seed={seed}",
     ]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     trainer = TrainerConfig(**cfg.trainer)
     torch_device = torch.device(device)
@@ -117,9 +119,8 @@ def sweeplab(preset: str, root: str, epochs: int, seed: int, device: str) -> tup
     per_epoch = steps_per_epoch(len(data.train), trainer)
     scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * epochs, per_epoch)
     progress = Progress.start(per_epoch * epochs, torch_device)
-    history = fit(
-        model, data, optimizer, scheduler, trainer, generator, lambda rows: None, progress, SignalGuard()
-    )
+    state = TrainingState(model, optimizer, scheduler, generator, progress)
+    history = fit(state, data, trainer, lambda rows: None, SignalGuard())
     return history.train_seconds / epochs, evaluate(model, data.test, trainer.eval_batch_size).acc
 
 
@@ -208,7 +209,7 @@ def sweep_wall(root: str, launcher: str, workers: int, workdir: Path, epochs: in
     wall = time.perf_counter() - started
     client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     runs = client.search_runs(["1"])
-    statuses = [r.info.status for r in runs if r.data.tags.get("sweeplab.sweep") != "parent"]
+    statuses = [r.info.status for r in runs if r.data.tags.get(TAG_SWEEP) != "parent"]
     if statuses != ["FINISHED"] * SWEEP_JOBS:
         raise RuntimeError(f"{launcher} with {workers} workers: job statuses {statuses}")
     return wall
@@ -219,17 +220,18 @@ def sweep_overhead(workdir: Path) -> dict[str, float]:
     from mlflow import MlflowClient
     from omegaconf import OmegaConf
 
+    from sweeplab.record import TAG_HASH, config_hash
     from sweeplab.schema import SweepConfig, TrackingConfig
     from sweeplab.summary import summarize
-    from sweeplab.tracking import TAG_HASH, Tracker, config_hash
+    from sweeplab.tracking import Tracker
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=seed_logreg", "seed=1"])
     tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     tracker = Tracker(tracking, workdir, env)  # a job's first contact with the store, warmed
     client: MlflowClient = tracker.client
-    (parent,) = client.search_runs([tracker.experiment_id], "tags.`sweeplab.sweep` = 'parent'")
+    (parent,) = client.search_runs([tracker.experiment_id], f"tags.`{TAG_SWEEP}` = 'parent'")
 
     def best_of(fn, repeats: int = 5) -> float:
         times = []
@@ -240,9 +242,7 @@ def sweep_overhead(workdir: Path) -> dict[str, float]:
         return min(times)
 
     digest = config_hash(cfg)
-    parent_start = best_of(
-        lambda: client.create_run(tracker.experiment_id, tags={"sweeplab.sweep": "benchmark"})
-    )
+    parent_start = best_of(lambda: client.create_run(tracker.experiment_id, tags={TAG_SWEEP: "benchmark"}))
     bare = best_of(lambda: Tracker(tracking, workdir, env))
 
     def lookup_job() -> None:  # a sweep job asks for a FINISHED run to reuse, then a KILLED one to resume

@@ -10,14 +10,16 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from sweeplab import CONFIG_DIR
+# importing the registries stores every group's schema in Hydra's ConfigStore, as the CLI does
+from sweeplab import CONFIG_MODULE, data, models, optimizers, schedulers  # noqa: F401
 from sweeplab.job import Job
 
 REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
 SWEEPLAB = Path(sys.executable).with_name("sweeplab")
 DATA_ENV = "SWEEPLAB_DATA_DIR"
 
@@ -36,7 +38,7 @@ def real_mnist_root() -> Path | None:
 def compose_cfg() -> Iterator[Callable[[list[str]], DictConfig]]:
     """Compose the project's config like the CLI does; Hydra's global state is cleared after."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         yield lambda overrides: compose("config", overrides=overrides)
     GlobalHydra.instance().clear()
 

@@ -1,5 +1,6 @@
 """``sweeplab-eval``: a trained run's model evaluated again, logged to a linked run."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,8 +13,8 @@ EVAL = SWEEPLAB.with_name("sweeplab-eval")
 TRAIN = ["data=synthetic", "trainer.epochs=3", "device=cpu", "tracking.figures=false"]
 
 
-def _eval(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EVAL), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def _eval(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(EVAL), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
@@ -53,9 +54,15 @@ def test_eval_reproduces_test_acc_and_logs_figures(tmp_path: Path, store: str, t
     names = {Path(a.path).stem for a in client.list_artifacts(logged.info.run_id, "figures")}
     assert names == {"confusion_matrix", "pca_input", "pca_hidden1", "pca_hidden2"}
 
-    val = _eval([f"run_id={trained.info.run_id}", "split=val", "figures=false"], tmp_path)
-    assert val.returncode == 0, val.stderr[-3000:]
+    # from another directory, the store given by tracking.uri alone: the model comes from that store
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    args = [f"tracking.uri={store}", f"run_id={trained.info.run_id}", "split=val", "figures=false"]
+    val = _eval(args, elsewhere, env)
+    assert val.returncode == 0, val.stdout[-3000:] + val.stderr[-3000:]
     assert _eval_run(store, trained.info.run_id).data.metrics["val/acc"] == trained.data.metrics["val/acc"]
+    assert not (elsewhere / "mlflow.db").exists()
 
 
 def test_eval_of_a_checkpoint_matches_the_run_it_ends(tmp_path: Path, store: str, trained) -> None:

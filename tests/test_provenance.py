@@ -63,16 +63,16 @@ def test_run_logs_provenance_and_a_dataset_input(compose_cfg, store: str, job) -
 def test_dataset_input_survives_a_parallel_job_inserting_it_first(
     compose_cfg, store: str, job, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log_input = mlflow.log_input
+    log_inputs = mlflow.MlflowClient.log_inputs
     calls = []
 
-    def lose_the_race(dataset, context=None):  # what a job that loses the insert race sees
-        calls.append(dataset.digest)
+    def lose_the_race(client, run_id, datasets=None, models=None):  # what a job losing the race sees
+        calls.append(datasets[0].dataset.digest)
         if len(calls) == 1:
             raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
-        log_input(dataset, context=context)
+        log_inputs(client, run_id, datasets=datasets, models=models)
 
-    monkeypatch.setattr(mlflow, "log_input", lose_the_race)
+    monkeypatch.setattr(mlflow.MlflowClient, "log_inputs", lose_the_race)
     run(compose_cfg([*FAST, "tracking.figures=false", "tracking.log_model=false"]), job)
     client = mlflow.MlflowClient(store)
     (logged,) = client.search_runs([client.get_experiment_by_name("sweeplab").experiment_id])

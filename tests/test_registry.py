@@ -5,12 +5,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
 from conftest import FAST
-from sweeplab import CONFIG_DIR
+from sweeplab import CONFIG_MODULE
 from sweeplab.errors import ConfigError
 from sweeplab.models import MODELS
 from sweeplab.task import run
@@ -35,7 +35,7 @@ def _compose(tmp_path: Path, yaml: str, overrides: list[str]):
     (tmp_path / "model" / "wide.yaml").write_text(yaml)
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             return compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", *overrides])
     finally:
         GlobalHydra.instance().clear()

@@ -1,8 +1,8 @@
 """Training state on disk: what a checkpoint holds, written atomically, found again by resume.
 
 A checkpoint is one ``torch.save`` file of plain tensors, numbers and strings (so it loads with
-``weights_only=True``): model, optimizer and scheduler state, every random generator's state,
-the ``Progress`` of training, the metric rows of the epoch it closed, and the config and data
+``weights_only=True``): the ``TrainingState``'s state dict (model, optimizer, scheduler, every
+random generator, progress), the metric rows of the epoch it closed, and the config and data
 digest it was trained with. Files are named ``epoch<E>-step<S>.pt`` (no "=", which a Hydra
 override would need quoted); ``best.pt`` is the state with the highest ``val/acc``.
 """
@@ -10,23 +10,17 @@ override would need quoted); ``best.pt`` is the state with the highest ``val/acc
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
 
 from sweeplab.errors import ConfigError
 from sweeplab.schema import CheckpointConfig
-from sweeplab.train import MetricRows, Progress
+from sweeplab.state import MetricRows, TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -35,87 +29,11 @@ BEST = "best.pt"
 _NAME = re.compile(r"epoch(\d+)-step(\d+)\.pt")
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Python, numpy, torch (CPU and every initialised GPU) and the batch-shuffling generator."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-        "shuffle": generator.get_state(),
-    }
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["shuffle"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def training_state(
-    model: nn.Module,
-    optimizer: Optimizer,
-    scheduler: LRScheduler,
-    generator: torch.Generator,
-    progress: Progress,
-    rows: MetricRows,
-    meta: dict[str, Any],
-) -> dict[str, Any]:
-    """Everything needed to continue bit-for-bit where training stands now.
-
-    ``rows`` are the metrics of the epoch this checkpoint closes: a resume logs them again if
-    the process died after saving and before MLflow received them.
-    """
-    return {
-        "format": FORMAT,
-        **meta,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(generator),
-        "progress": progress.state_dict(),
-        "rows": rows,
-    }
-
-
-def restore(
-    state: dict[str, Any],
-    model: nn.Module,
-    optimizer: Optimizer,
-    scheduler: LRScheduler,
-    generator: torch.Generator,
-    progress: Progress,
-    reconfigured: bool = False,
-) -> None:
-    """Put every piece of training back where ``state`` left it.
-
-    ``reconfigured`` (a forced resume under a changed config): the optimizer keeps its saved
-    buffers (momentum, moments) but takes its hyperparameters from the new config, and the new
-    scheduler is stepped forward to the current step instead of being restored.
-    """
-    model.load_state_dict(state["model"])
-    saved = state["optimizer"]
-    if reconfigured:
-        groups = zip(saved["param_groups"], optimizer.state_dict()["param_groups"], strict=True)
-        saved = {**saved, "param_groups": [{**new, "params": old["params"]} for old, new in groups]}
-    optimizer.load_state_dict(saved)
-    restore_rng(state["rng"], generator)
-    progress.load_state_dict(state["progress"])
-    if not reconfigured:
-        scheduler.load_state_dict(state["scheduler"])
-        return
-    with warnings.catch_warnings():  # stepping a scheduler ahead of its optimizer is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(progress.step):
-            scheduler.step()
+def contents(training: TrainingState, rows: MetricRows, meta: dict[str, Any]) -> dict[str, Any]:
+    """What one checkpoint file holds: the training state, the run it belongs to, and ``rows``,
+    the metrics of the epoch it closes (a resume logs them again if the process died after
+    saving and before MLflow received them)."""
+    return {"format": FORMAT, **meta, **training.state_dict(), "rows": rows}
 
 
 def write_atomic(state: dict[str, Any], path: Path) -> None:

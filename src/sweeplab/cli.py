@@ -9,13 +9,13 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 # importing the registries stores every group's schema in Hydra's ConfigStore before composition
-from sweeplab import CONFIG_DIR, data, models, optimizers, schedulers, schema  # noqa: F401
+from sweeplab import CONFIG_PATH, data, models, optimizers, schedulers, schema  # noqa: F401
 from sweeplab.errors import ConfigError
 from sweeplab.interrupt import Interrupted, SignalGuard
-from sweeplab.job import ENV_PARENT_RUN, ENV_URI, Job
+from sweeplab.job import ENV_PARENT_RUN, Job
 from sweeplab.train import DivergedError
 
 log = logging.getLogger("sweeplab")
@@ -41,40 +41,28 @@ def current_job() -> Job:
     )
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run one job; return ``sweep.objective`` (``val/acc``) for sweepers that optimise it.
 
-    Inside a sweep with ``sweep.on_error=continue`` a failing job logs its error and returns
-    NaN, which Optuna records as a failed trial, and the sweep goes on.
+    Exit codes: 2 for a config, data or store problem, 1 for a diverged run, 128 + the signal
+    for an interrupted one. A sweep job that fails under ``sweep.on_error=continue`` returns
+    NaN, which Optuna records as a failed trial.
     """
-    from sweeplab.task import run  # heavy imports (mlflow, matplotlib) only once composition worked
+    from sweeplab.sweep import job_outcome  # heavy imports (mlflow, matplotlib) only once composition worked
+    from sweeplab.task import run
 
     job = current_job()
-    keep_going = job.multirun and cfg.sweep.on_error == "continue"
+    results: dict[str, float] = {}
     try:
-        with SignalGuard().installed() as guard:  # from here a signal ends the job cleanly
+        with SignalGuard().installed() as guard, job_outcome(job, OmegaConf.to_object(cfg.sweep)):
             results = run(cfg, job, guard)
-    except Interrupted as stop:  # the run is KILLED and checkpointed; the sweep stops with it
-        if job.parent_run_id:
-            from sweeplab.sweep import end_parent
-
-            end_parent(os.environ[ENV_URI], job.parent_run_id, "KILLED", f"a job was {stop}")
+    except Interrupted as stop:  # the run is KILLED and checkpointed
         log.error("%s", stop)
         sys.exit(stop.exit_code)
-    except Exception as exc:
-        user_error = isinstance(exc, (ConfigError, DivergedError))
-        if keep_going:
-            log.error("job failed, the sweep goes on: %s", exc if user_error else repr(exc))
-            return math.nan
-        if job.parent_run_id:
-            from sweeplab.sweep import end_parent
-
-            end_parent(os.environ[ENV_URI], job.parent_run_id, "FAILED", f"{type(exc).__name__}: {exc}")
-        if not user_error:
-            raise
-        log.error("%s", exc)  # a config, data or store problem (exit 2) or a diverged run (exit 1)
+    except (ConfigError, DivergedError) as exc:
+        log.error("%s", exc)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
-    if cfg.sweep.objective not in results:
+    if results and cfg.sweep.objective not in results:
         log.warning("sweep.objective=%s was not logged (logged: %s)", cfg.sweep.objective, sorted(results))
     return results.get(cfg.sweep.objective, math.nan)

@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 # importing the registries stores every group's schema in Hydra's ConfigStore before composition
-from sweeplab import CONFIG_DIR, data, models, schema  # noqa: F401
+from sweeplab import CONFIG_PATH, data, models, schema  # noqa: F401
 from sweeplab.errors import ConfigError
 
 log = logging.getLogger("sweeplab")
@@ -19,7 +19,7 @@ log = logging.getLogger("sweeplab")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> float:
     """Evaluate one trained model; return its accuracy on the chosen split."""
     from sweeplab.evaluation import run_eval  # heavy imports only once composition worked

@@ -13,9 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
-from mlflow.entities import Param, RunStatus
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -25,14 +23,13 @@ from sweeplab.data import Data, Split, load_data
 from sweeplab.device import resolve_device
 from sweeplab.errors import ConfigError
 from sweeplab.models import MODELS
+from sweeplab.record import TAG_EVALUATED, TAG_EVALUATED_FROM, flatten
 from sweeplab.render import rendering
 from sweeplab.schema import EvalConfig
-from sweeplab.tracking import RunLog, Tracker, flatten
+from sweeplab.tracking import RunLog, Tracker
 from sweeplab.train import evaluate
 
 log = logging.getLogger(__name__)
-
-TAG_EVALUATED = "sweeplab.evaluated_run"
 
 
 def run_eval(cfg: DictConfig, launch_dir: Path) -> dict[str, float]:
@@ -48,7 +45,7 @@ def run_eval(cfg: DictConfig, launch_dir: Path) -> dict[str, float]:
         raise ConfigError(
             f"split={settings.split} is empty (data.val_size=0): use split=train or split=test."
         )
-    model = _model(settings, trained, state, data, device)
+    model = _model(settings, tracker, trained, state, data, device)
     try:
         result = evaluate(model, split, settings.eval_batch_size or trained.trainer.eval_batch_size)
     except RuntimeError as exc:  # a dataset of another input size than the model was trained on
@@ -68,26 +65,17 @@ def run_eval(cfg: DictConfig, launch_dir: Path) -> dict[str, float]:
     print(_table(name, result.loss, result.acc, per_class))
 
     evaluated = source_run.info.run_id if source_run else state["run_id"]
-    experiment_id = source_run.info.experiment_id if source_run else tracker.experiment_id
-    run = tracker.client.create_run(
-        experiment_id,
-        run_name=f"eval {name}: {source_run.info.run_name if source_run else evaluated}",
-        tags={TAG_EVALUATED: evaluated, "sweeplab.evaluated_from": settings.checkpoint or "logged model"},
-    )
-    run_log = RunLog(tracker.client, run.info.run_id)
-    status = RunStatus.FAILED
-    try:
-        params = flatten(
-            OmegaConf.to_container(cfg, resolve=True) | {"data": OmegaConf.to_container(data_cfg)}
-        )
-        tracker.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    params = flatten(OmegaConf.to_container(cfg, resolve=True) | {"data": OmegaConf.to_container(data_cfg)})
+    with tracker.run(
+        f"eval {name}: {source_run.info.run_name if source_run else evaluated}",
+        {TAG_EVALUATED: evaluated, TAG_EVALUATED_FROM: settings.checkpoint or "logged model"},
+        params,
+        experiment_id=source_run.info.experiment_id if source_run else None,
+    ) as run_log:
         run_log.log_metrics(metrics, step=0)
         if settings.figures:
             _log_figures(run_log, model, data, split, result.predictions, name, settings)
-        status = RunStatus.FINISHED
-    finally:
-        tracker.client.set_terminated(run.info.run_id, RunStatus.to_string(status))
-    log.info("logged to run %s (evaluating %s)", run.info.run_id, evaluated)
+    log.info("logged to run %s (evaluating %s)", run_log.run_id, evaluated)
     return metrics
 
 
@@ -119,7 +107,12 @@ def _source(settings: EvalConfig, tracker: Tracker) -> tuple[Any, DictConfig, di
 
 
 def _model(
-    settings: EvalConfig, trained: DictConfig, state: dict[str, Any] | None, data: Data, device: torch.device
+    settings: EvalConfig,
+    tracker: Tracker,
+    trained: DictConfig,
+    state: dict[str, Any] | None,
+    data: Data,
+    device: torch.device,
 ) -> nn.Module:
     if state is not None:
         model = MODELS.build(trained.model, data.in_features, len(data.classes))
@@ -132,8 +125,8 @@ def _model(
             ) from exc
         return model.to(device)
     try:
-        return mlflow.pytorch.load_model(f"runs:/{settings.run_id}/model", map_location=device)
-    except MlflowException as exc:
+        return tracker.load_model(settings.run_id, map_location=device)
+    except (MlflowException, OSError) as exc:
         raise ConfigError(
             f"run_id={settings.run_id}: the run has no logged model (was tracking.log_model=false?); "
             "evaluate one of its checkpoints with checkpoint=<path> instead."

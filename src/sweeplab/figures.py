@@ -1,4 +1,6 @@
-"""The notebook's figures, as matplotlib ``Figure`` objects (no pyplot state, no display).
+"""A run's figures, as matplotlib ``Figure`` objects (no pyplot state, no display): training
+samples, loss and accuracy curves, PCA scatters of the input and of every hidden layer, and the
+confusion matrix (the set of plots of the original setup described at the top of README.md).
 
 Plotting helpers take plain arrays so they work for any model and dataset. Figures with many
 points use fixed margins: a constrained layout draws them twice, doubling the save time.
@@ -14,9 +16,10 @@ from sklearn import metrics
 from sklearn.decomposition import PCA
 from torch import nn
 
+from sweeplab.data import Data
 from sweeplab.render import FigureJobs
 from sweeplab.representations import representations
-from sweeplab.train import History
+from sweeplab.state import History
 
 
 def samples(x: np.ndarray, y: np.ndarray, classes: list[str], shape: tuple[int, ...]) -> Figure:
@@ -36,7 +39,7 @@ def samples(x: np.ndarray, y: np.ndarray, classes: list[str], shape: tuple[int, 
 
 
 def _smooth(values: np.ndarray) -> np.ndarray | None:
-    """The notebook's Savitzky-Golay filter (window 21, order 3); None for too-short curves."""
+    """Savitzky-Golay smoothing (window 21, order 3); None for curves too short for it."""
     return savgol_filter(values, 21, 3) if len(values) >= 21 else None
 
 
@@ -64,7 +67,7 @@ def curves(history: History) -> Figure:
 
 
 def pca_scatter(x: np.ndarray, y: np.ndarray, classes: list[str], title: str) -> Figure:
-    """2-D PCA of ``x`` coloured by class, with a legend (the notebook's ``visualization``)."""
+    """2-D PCA of ``x`` coloured by class, with a legend."""
     points = PCA(n_components=2, svd_solver="randomized", random_state=0).fit_transform(x)
     fig = Figure(figsize=(7.5, 6))
     fig.subplots_adjust(left=0.1, right=0.8, bottom=0.09, top=0.93)
@@ -125,3 +128,28 @@ def confusion_matrix(
     ax.set_ylabel("true label")
     ax.set_title(f"{split} confusion matrix")
     return fig
+
+
+def run_jobs(
+    model: nn.Module,
+    data: Data,
+    history: History,
+    test_predictions: torch.Tensor,
+    pca_samples: int,
+    seed: int,
+) -> FigureJobs:
+    """A training run's figures: samples, curves, PCA of the input and each hidden layer, and the
+    confusion matrix, as jobs over arrays copied off the device now."""
+    rng = torch.Generator().manual_seed(seed)
+    n, device = len(data.train), data.train.x.device
+    shown = torch.randperm(n, generator=rng)[:16].to(device)
+    sample_x, sample_y = data.train.x[shown].cpu().numpy(), data.train.y[shown].cpu().numpy()
+    picked = torch.randperm(n, generator=rng)[: pca_samples or n].to(device)
+    labels = data.train.y[picked].cpu().numpy()
+    y_true, y_pred = data.test.y.cpu().numpy(), test_predictions.cpu().numpy()
+    return {
+        "samples": lambda: samples(sample_x, sample_y, data.classes, data.sample_shape),
+        "curves": lambda: curves(history),
+        **pca_jobs(model, data.train.x[picked], labels, data.classes),
+        "confusion_matrix": lambda: confusion_matrix(y_true, y_pred, data.classes),
+    }

@@ -13,6 +13,15 @@ from mlflow.data.meta_dataset import MetaDataset
 
 import sweeplab
 from sweeplab.data import Data
+from sweeplab.record import (
+    TAG_DEVICE,
+    TAG_GIT_COMMIT,
+    TAG_GIT_DIRTY,
+    TAG_MLFLOW,
+    TAG_PYTHON,
+    TAG_TORCH,
+    TAG_VERSION,
+)
 
 
 def code_state(path: Path) -> tuple[dict[str, str], str | None]:
@@ -23,7 +32,7 @@ def code_state(path: Path) -> tuple[dict[str, str], str | None]:
     except (git.InvalidGitRepositoryError, git.NoSuchPathError, ValueError):
         return {}, None  # not a checkout, or one without commits
     dirty = repo.is_dirty()
-    tags = {"mlflow.source.git.commit": commit, "sweeplab.git_dirty": str(dirty).lower()}
+    tags = {TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: str(dirty).lower()}
     return tags, repo.git.diff("HEAD") if dirty else None
 
 
@@ -34,11 +43,11 @@ def environment_tags(device: torch.device) -> dict[str, str]:
     else:
         name = platform.processor() or platform.machine()
     return {
-        "sweeplab.version": sweeplab.__version__,
-        "sweeplab.python": platform.python_version(),
-        "sweeplab.torch": torch.__version__,
-        "sweeplab.mlflow": mlflow.__version__,
-        "sweeplab.device": f"{device} ({name})",
+        TAG_VERSION: sweeplab.__version__,
+        TAG_PYTHON: platform.python_version(),
+        TAG_TORCH: torch.__version__,
+        TAG_MLFLOW: mlflow.__version__,
+        TAG_DEVICE: f"{device} ({name})",
     }
 
 

@@ -20,14 +20,9 @@ from omegaconf import DictConfig
 
 from sweeplab.checkpoint import load, load_latest
 from sweeplab.errors import ConfigError
-from sweeplab.tracking import TAG_CHECKPOINTS, flatten, result_config
+from sweeplab.record import NOT_COMPARED_ON_RESUME, RESUME_KEYS, TAG_CHECKPOINTS, flatten, result_config
 
 log = logging.getLogger(__name__)
-
-# a key that may differ without changing what is computed (the data digest is checked instead)
-_NOT_COMPARED = {"data.root"}
-# the overrides that ask for a resume: never part of a run's own overrides
-RESUME_KEYS = ("resume", "resume_force")
 
 
 @dataclasses.dataclass
@@ -125,5 +120,5 @@ def own_overrides(overrides: list[str]) -> list[str]:
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two result configs: (saved, current)."""
     before, after = flatten(saved), flatten(current)
-    keys = sorted((before.keys() | after.keys()) - _NOT_COMPARED)
+    keys = sorted((before.keys() | after.keys()) - set(NOT_COMPARED_ON_RESUME))
     return {key: (before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)}

@@ -10,6 +10,7 @@ Tables are plain text; ``--format csv`` or ``--format json`` is for scripts.
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import io
 import json
@@ -17,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
@@ -24,11 +26,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from sweeplab import CONFIG_DIR
-from sweeplab.schema import TrackingConfig
-from sweeplab.tracking import TAG_FAILURE, tracking_uri
+from sweeplab.record import TAG_FAILURE, TAG_OVERRIDES
+from sweeplab.schema import Config, TrackingConfig
+from sweeplab.tracking import tracking_uri
 
 SHOWN_METRICS = ["val/acc", "test/acc", "test/loss"]
+# top-level config keys that hold a value (seed=0), not a group option (model=mlp)
+_TOP_LEVEL_VALUES = {
+    f.name for f in dataclasses.fields(Config) if f.type is not Any and not dataclasses.is_dataclass(f.type)
+}
 
 
 class UsageError(Exception):
@@ -37,7 +43,9 @@ class UsageError(Exception):
 
 def filter_string(filters: Sequence[str]) -> str:
     """MLflow filter from Hydra overrides: ``model=mlp`` matches the chosen group option,
-    ``optimizer.lr=1e-2`` the logged value (numbers compare as the config printed them)."""
+    ``optimizer.lr=1e-2`` and ``seed=0`` the logged value (numbers compare as the config printed
+    them). A top-level key without a dot is a config group unless it is one of the top-level
+    values of the config schema, so groups added with ``--config-dir`` filter too."""
     try:
         overrides = OverridesParser.create().parse_overrides(list(filters))
     except OverrideParseException as exc:
@@ -48,7 +56,7 @@ def filter_string(filters: Sequence[str]) -> str:
             raise UsageError(f"filter {override.input_line!r}: give one value per key, not a sweep")
         key = override.key_or_group
         value = str(override.value()).replace("'", "\\'")
-        param = f"choice.{key}" if (CONFIG_DIR / key).is_dir() else key  # model=mlp: a group option
+        param = key if "." in key or key in _TOP_LEVEL_VALUES else f"choice.{key}"
         clauses.append(f"params.`{param}` = '{value}'")
     return " and ".join(clauses)
 
@@ -148,7 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> list[dict[str, object]]:
 def cmd_show(args: argparse.Namespace) -> list[dict[str, object]]:
     client, _ = _client(args)
     run = _get(client, args.run)
-    overrides = run.data.tags.get("sweeplab.overrides", "")
+    overrides = run.data.tags.get(TAG_OVERRIDES, "")
     row = _row(run, SHOWN_METRICS) | {"rerun": f"sweeplab {overrides}".strip()}
     if TAG_FAILURE in run.data.tags:
         row["failure"] = run.data.tags[TAG_FAILURE]

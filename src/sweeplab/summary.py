@@ -12,8 +12,9 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from sweeplab.record import TAG_BEST_RUN_ID, TAG_BEST_RUN_NAME, TAG_PARENT, TAG_REUSED
 from sweeplab.schema import SweepConfig
-from sweeplab.tracking import TAG_REUSED, RunLog
+from sweeplab.tracking import RunLog
 
 METRICS = ["test/acc", "test/loss", "val/acc", "val/loss", "best/val_acc", "time/training_s"]
 
@@ -130,7 +131,7 @@ def summarize(
 ) -> pd.DataFrame:
     """Write the table, the best child and the figures onto the parent run; return the table."""
     children = client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50000
+        [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'", max_results=50000
     )
     parent = client.get_run(parent_id)
     reused = [
@@ -150,8 +151,8 @@ def summarize(
     finished = table[(table.status == "FINISHED") & table[sweep.objective].notna()]
     if len(finished):
         best = finished.iloc[0]
-        client.set_tag(parent_id, "sweeplab.best_run_id", best.run_id)
-        client.set_tag(parent_id, "sweeplab.best_run_name", best.run_name)
+        client.set_tag(parent_id, TAG_BEST_RUN_ID, best.run_id)
+        client.set_tag(parent_id, TAG_BEST_RUN_NAME, best.run_name)
         best_metrics = next(run for run, _ in runs if run.info.run_id == best.run_id).data.metrics
         # best/val_acc is already a "best" metric; everything else gets the prefix
         metrics |= {

@@ -1,14 +1,18 @@
-"""The Hydra callback that turns a multirun into one MLflow parent run with nested children.
+"""The sweep protocol: one MLflow parent run per multirun, and how its jobs treat each other.
 
-It runs in the launching process: before any job starts it creates the store, the experiment
-and the parent run once (jobs that race to migrate a fresh sqlite file or to create the
-experiment lose runs), and when the sweep ends it writes the summary onto the parent.
+The Hydra callback runs in the launching process: before any job starts it creates the store,
+the experiment and the parent run once (jobs that race to migrate a fresh sqlite file or to
+create the experiment lose runs), and when the sweep ends it writes the summary onto the parent.
+Each job, wherever it runs, asks ``previous_run`` whether its config already FINISHED (reuse it)
+or was interrupted (resume it), and ``job_outcome`` applies ``sweep.on_error`` to its failures.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +21,15 @@ from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from sweeplab.job import ENV_PARENT_RUN, ENV_URI
+from sweeplab.interrupt import Interrupted
+from sweeplab.job import ENV_PARENT_RUN, ENV_URI, Job
+from sweeplab.record import TAG_HASH, TAG_OVERRIDES, TAG_PARENT, TAG_REUSED, TAG_SWEEP, TAG_SWEEP_KEY
+from sweeplab.resume import ResumePoint, latest_checkpoint
 from sweeplab.schema import SweepConfig, TrackingConfig
 from sweeplab.summary import summarize
-from sweeplab.tracking import TAG_FAILURE, TAG_STOPPED, Tracker
+from sweeplab.tracking import RunLog, Tracker
 
 log = logging.getLogger(__name__)
-
-TAG_SWEEP = "sweeplab.sweep"
-# on a parent: a digest of the sweep command, so that re-running an interrupted sweep finds it
-TAG_SWEEP_KEY = "sweeplab.sweep_key"
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -57,23 +60,19 @@ class MlflowSweepCallback(Callback):
         key = sweep_key(config)
         interrupted = tracker.newest_run("KILLED", {TAG_SWEEP: "parent", TAG_SWEEP_KEY: key})
         if interrupted:  # the same sweep was interrupted: carry on under its parent
-            parent_id = interrupted.info.run_id
-            tracker.client.update_run(parent_id, status="RUNNING")
-            if TAG_STOPPED in interrupted.data.tags:
-                tracker.client.delete_tag(parent_id, TAG_STOPPED)
-            log.info("resuming the interrupted sweep of parent run %s", parent_id)
+            parent = tracker.reopen(interrupted.info.run_id)
+            log.info("resuming the interrupted sweep of parent run %s", parent.run_id)
         else:
             overrides = " ".join(config.hydra.overrides.task)
-            parent_id = tracker.client.create_run(
-                tracker.experiment_id,
-                run_name=f"sweep: {overrides}" if overrides else "sweep",
-                tags={TAG_SWEEP: "parent", TAG_SWEEP_KEY: key, "sweeplab.overrides": overrides},
-            ).info.run_id
+            parent = tracker.start_run(
+                f"sweep: {overrides}" if overrides else "sweep",
+                {TAG_SWEEP: "parent", TAG_SWEEP_KEY: key, TAG_OVERRIDES: overrides},
+            )
         # every job logs to exactly this store and nests its run under this parent
         os.environ[ENV_URI] = tracker.uri
-        os.environ[ENV_PARENT_RUN] = parent_id
+        os.environ[ENV_PARENT_RUN] = parent.run_id
         log.info(
-            "MLflow parent run %s in experiment %r (%s)", parent_id, tracking.experiment_name, tracker.uri
+            "MLflow parent run %s in experiment %r (%s)", parent.run_id, tracking.experiment_name, tracker.uri
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -84,12 +83,51 @@ class MlflowSweepCallback(Callback):
         sweep: SweepConfig = OmegaConf.to_object(config.sweep)
         tracker = Tracker(tracking, Path(config.hydra.runtime.cwd), os.environ, parent_run_id=parent_id)
         summarize(tracker.client, parent_id, tracker.experiment_id, swept_keys(config), sweep)
-        tracker.client.set_terminated(parent_id, "FINISHED")
+        RunLog(tracker.client, parent_id).end("FINISHED")
 
 
-def end_parent(tracking_uri: str, parent_run_id: str, status: str, reason: str) -> None:
-    """End the parent FAILED when a job stops the sweep (``sweep.on_error=raise``), or KILLED
-    when a job was interrupted: the callback's ``on_multirun_end`` does not run then."""
-    client = MlflowClient(tracking_uri)
-    client.set_tag(parent_run_id, TAG_FAILURE if status == "FAILED" else TAG_STOPPED, reason[:5000])
-    client.set_terminated(parent_run_id, status)
+def previous_run(tracker: Tracker, digest: str, job: Job) -> dict[str, float] | ResumePoint | None:
+    """What an earlier sweep left for this job's config hash: the metrics of a FINISHED run (the
+    job is skipped), a KILLED run with a checkpoint (the job resumes it), or nothing."""
+    done = tracker.newest_run("FINISHED", {TAG_HASH: digest})
+    if done is not None:
+        if done.data.tags.get(TAG_PARENT) != job.parent_run_id:  # recorded on this sweep's parent
+            tracker.client.set_tag(job.parent_run_id, f"{TAG_REUSED}{digest}", done.info.run_id)
+        log.info(
+            "skipped: run %s (%s) already FINISHED with this config", done.info.run_id, done.info.run_name
+        )
+        return dict(done.data.metrics)
+    killed = tracker.newest_run("KILLED", {TAG_HASH: digest})
+    found = latest_checkpoint(killed) if killed else None
+    if found is None:
+        return None
+    if killed.data.tags.get(TAG_PARENT) != job.parent_run_id:  # continued under this sweep
+        tracker.client.set_tag(killed.info.run_id, TAG_PARENT, job.parent_run_id)
+    return ResumePoint(killed.info.run_id, *found)
+
+
+@contextlib.contextmanager
+def job_outcome(job: Job, sweep: SweepConfig) -> Iterator[None]:
+    """A sweep job's failures, by ``sweep.on_error``: ``continue`` logs the error and lets the
+    sweep go on (the block's exception is swallowed); ``raise`` ends the parent FAILED and
+    re-raises. An interrupted job ends the parent KILLED, so a re-run resumes the sweep."""
+    if not job.multirun:
+        yield
+        return
+    try:
+        yield
+    except Interrupted as stop:
+        _end_parent(job, "KILLED", f"a job was {stop}")
+        raise
+    except Exception as exc:
+        if sweep.on_error == "continue":
+            log.error("job failed, the sweep goes on: %s: %s", type(exc).__name__, exc)
+            return
+        _end_parent(job, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _end_parent(job: Job, status: str, reason: str) -> None:
+    """The callback's ``on_multirun_end`` does not run when a job stops the sweep."""
+    if job.parent_run_id:
+        RunLog(MlflowClient(os.environ[ENV_URI]), job.parent_run_id).end(status, reason)

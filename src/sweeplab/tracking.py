@@ -1,16 +1,17 @@
-"""MLflow tracking for one job: where the store is, the experiment, and what a run records.
+"""MLflow tracking: where the store is, the experiment, and one way to open, fill and end a run.
 
 The store and the experiment are created here, before a run starts, so a job that cannot reach
-its tracking server fails without leaving a run behind. The experiment id is passed explicitly:
-nothing depends on process-global ``set_experiment`` state.
+its tracking server fails without leaving a run behind. Everything goes through an
+``MlflowClient`` of that store with explicit experiment and run ids: nothing depends on MLflow's
+process-global tracking URI, active run or experiment, so one process can fill several runs,
+in several stores, without them mixing.
 """
 
 import contextlib
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,28 +19,24 @@ from typing import Any
 
 import mlflow
 import torch
-from matplotlib.figure import Figure
 from mlflow.data.dataset import Dataset
-from mlflow.entities import Metric, Run, RunStatus
+from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, Metric, Param, Run
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from mlflow.tracking.context import registry as context_registry
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from sweeplab.errors import ConfigError
 from sweeplab.interrupt import Interrupted
-from sweeplab.job import ENV_URI, Job
+from sweeplab.job import ENV_URI
+from sweeplab.record import TAG_FAILURE, TAG_PARENT, TAG_STOPPED
 from sweeplab.schema import TrackingConfig
 
 log = logging.getLogger(__name__)
 
-TAG_HASH = "sweeplab.config_hash"
-TAG_FAILURE = "sweeplab.failure"
-# + config hash, on a sweep's parent: the FINISHED run a job reused instead of training again
-TAG_REUSED = "sweeplab.reused."
-# where a run keeps its checkpoints (absolute), and why and where an interrupted run stopped
-TAG_CHECKPOINTS = "sweeplab.checkpoint_dir"
-TAG_STOPPED = "sweeplab.stopped"
+# the name of the logged model: runs:/<run id>/model
+MODEL_NAME = "model"
 
 
 def tracking_uri(cfg: TrackingConfig, launch_dir: Path, environ: Mapping[str, str]) -> str:
@@ -62,40 +59,6 @@ def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     return None  # a tracking server decides where artifacts go
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys for nested dicts (``optimizer.lr``); lists stay whole (``model.hidden_dims``)."""
-    if not isinstance(node, dict):
-        return {prefix: node}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    return flat
-
-
-# top-level keys that change where, whether or from where a run is logged, not what it computes
-NOT_RESULTS = ("tracking", "sweep", "checkpoint", "resume", "resume_force")
-
-
-def result_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config minus ``NOT_RESULTS``: what two runs must share to compute the same."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    return {key: value for key, value in container.items() if key not in NOT_RESULTS}
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """A digest of ``result_config``: equal for runs that compute the same thing."""
-    return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_params(cfg: DictConfig, job: Job) -> dict[str, Any]:
-    """Every resolved config value by dotted key, plus the chosen option of every group."""
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    groups = {
-        f"choice.{group}": option for group, option in job.choices.items() if not group.startswith("hydra")
-    }
-    return params | groups
 
 
 class Tracker:
@@ -147,38 +110,76 @@ class Tracker:
         )
         return runs[0] if runs else None
 
-    @contextlib.contextmanager
     def start_run(
-        self, cfg: DictConfig, job: Job, tags: dict[str, str], resume_run_id: str | None = None
+        self,
+        name: str,
+        tags: dict[str, str],
+        params: dict[str, Any] | None = None,
+        experiment_id: str | None = None,
+    ) -> "RunLog":
+        """A new RUNNING run in this experiment (or ``experiment_id``), nested under
+        ``parent_run_id`` if set; ``RunLog.end`` ends it."""
+        parent = {TAG_PARENT: self.parent_run_id} if self.parent_run_id else {}
+        run = self.client.create_run(
+            experiment_id or self.experiment_id,
+            run_name=name,
+            tags=context_registry.resolve_tags(tags | parent),
+        )
+        run_log = RunLog(self.client, run.info.run_id)
+        run_log.log_params(params or {})
+        return run_log
+
+    def reopen(self, run_id: str) -> "RunLog":
+        """An ended run RUNNING again (a resume), its params as first logged."""
+        self.client.update_run(run_id, status="RUNNING")
+        if TAG_STOPPED in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, TAG_STOPPED)
+        return RunLog(self.client, run_id)
+
+    @contextlib.contextmanager
+    def run(
+        self,
+        name: str,
+        tags: dict[str, str],
+        params: dict[str, Any] | None = None,
+        *,
+        experiment_id: str | None = None,
+        resume_run_id: str | None = None,
     ) -> Iterator["RunLog"]:
-        """A new run, or ``resume_run_id`` reopened, that ends FINISHED; KILLED if the block is
-        interrupted by a signal; FAILED, tagged with the reason, if it raises."""
-        mlflow.set_tracking_uri(self.uri)
+        """A run (new, or ``resume_run_id`` reopened) for the length of a block, which ends it
+        FINISHED; KILLED if a signal interrupts the block; FAILED, tagged with the reason, if it
+        raises. Training runs and evaluation runs open here; a sweep's parent, which outlives
+        any one block, uses ``start_run``/``reopen`` and ``RunLog.end`` directly."""
         if resume_run_id:
-            run = mlflow.start_run(run_id=resume_run_id)  # params stay as first logged
-            if TAG_STOPPED in run.data.tags:
-                self.client.delete_tag(resume_run_id, TAG_STOPPED)
+            run_log = self.reopen(resume_run_id)
         else:
-            tags = {"sweeplab.overrides": " ".join(job.overrides), TAG_HASH: config_hash(cfg), **tags}
-            run = mlflow.start_run(
-                experiment_id=self.experiment_id,
-                run_name=job.name,
-                tags=tags,
-                parent_run_id=self.parent_run_id,
-            )
-            mlflow.log_params(run_params(cfg, job))
-        status = RunStatus.FINISHED
+            run_log = self.start_run(name, tags, params, experiment_id)
         try:
-            yield RunLog(self.client, run.info.run_id)
+            yield run_log
         except Interrupted:
-            status = RunStatus.KILLED
+            run_log.end("KILLED")
             raise
         except BaseException as exc:
-            status = RunStatus.FAILED
-            self.client.set_tag(run.info.run_id, TAG_FAILURE, f"{type(exc).__name__}: {exc}"[:5000])
+            run_log.end("FAILED", f"{type(exc).__name__}: {exc}")
             raise
-        finally:
-            mlflow.end_run(RunStatus.to_string(status))
+        run_log.end("FINISHED")
+
+    def load_model(self, run_id: str, map_location: torch.device) -> torch.nn.Module:
+        """The model ``run_id`` logged, read from this store. (``runs:/`` URIs resolve logged
+        models through the process-global tracking URI, so they are not used here.)"""
+        run = self.client.get_run(run_id)
+        found = self.client.search_logged_models(
+            [run.info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'",
+            max_results=1,
+        )
+        if not found:
+            raise MlflowException(f"run {run_id} has no logged model {MODEL_NAME!r}")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=found[0].artifact_location, dst_path=tmp, tracking_uri=self.uri
+            )
+            return mlflow.pytorch.load_model(local, map_location=map_location)
 
     def __repr__(self) -> str:
         return f"Tracker({self.uri!r}, experiment {self.cfg.experiment_name!r})"
@@ -201,8 +202,10 @@ class RunLog:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.log_rows([(step, metrics)])
 
-    def log_figure(self, figure: Figure, name: str) -> None:
-        self.client.log_figure(self.run_id, figure, f"figures/{name}.png")
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(key, str(value)) for key, value in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, params=items[start : start + 100], synchronous=True)
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
@@ -220,26 +223,48 @@ class RunLog:
         two parallel jobs logging the same data can both insert and one fails on the unique
         constraint; by then the row exists, and a second try links to it.
         """
+        inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
         try:
-            mlflow.log_input(dataset, context="training")
+            self.client.log_inputs(self.run_id, datasets=inputs)
         except MlflowException as exc:
             log.debug("retrying the dataset input after: %s", exc)
-            mlflow.log_input(dataset, context="training")
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
-    def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
-        """The model, on CPU, with a signature; ``mlflow.pytorch.load_model`` brings it back.
+    def log_model(self, model: torch.nn.Module, example: torch.Tensor, step: int) -> None:
+        """The model, on CPU, with a signature, as this run's MLflow logged model ``model``.
 
         Pickled rather than exported with ``torch.export`` ("pt2"): exporting took ~3.7 s per
         MLP here against 0.06 s, and the pickle loads back as the sweeplab class itself (hidden
-        layers by name included). Loading it needs sweeplab importable.
+        layers by name included). Loading it needs sweeplab importable. The steps are those of
+        ``mlflow.pytorch.log_model``, through this run's client instead of the global one.
         """
         model = copy.deepcopy(model).cpu().eval()
         with torch.inference_mode():
             output = model(example.cpu())
-        mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(example.cpu().numpy(), output.numpy()),
-            serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        logged = self.client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=self.run_id)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / MODEL_NAME
+                mlflow.pytorch.save_model(
+                    model,
+                    local,
+                    mlflow_model=Model(
+                        artifact_path=logged.artifact_location, run_id=self.run_id, model_id=logged.model_id
+                    ),
+                    signature=infer_signature(example.cpu().numpy(), output.numpy()),
+                    serialization_format="pickle",
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                )
+                self.client.log_model_artifacts(logged.model_id, str(local))
+        except BaseException:
+            self.client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step)])
+
+    def end(self, status: str, reason: str | None = None) -> None:
+        """End the run with ``status``; a FAILED or KILLED run is tagged with ``reason``."""
+        if reason:
+            self.set_tag(TAG_FAILURE if status == "FAILED" else TAG_STOPPED, reason[:5000])
+        self.client.set_terminated(self.run_id, status)

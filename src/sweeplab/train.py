@@ -1,6 +1,6 @@
 """The training loop: device-resident batches, metrics accumulated on the device.
 
-Nothing here knows about MLflow: metrics leave through the ``log`` callback, once per epoch, as
+Nothing here knows about MLflow: metrics leave through the ``log_rows`` callback, once per epoch, as
 rows of ``(step, {name: value})``.
 """
 
@@ -11,22 +11,18 @@ import sys
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sweeplab.data import Data, Split
 from sweeplab.interrupt import SignalGuard
 from sweeplab.schema import TrainerConfig
+from sweeplab.state import History, MetricRows, TrainingState
 
 log = logging.getLogger(__name__)
-
-MetricRows = list[tuple[int, dict[str, float]]]
 
 
 class DivergedError(RuntimeError):
@@ -38,75 +34,6 @@ class Evaluation:
     loss: float
     acc: float
     predictions: torch.Tensor
-
-
-@dataclasses.dataclass
-class History:
-    """Per-step training curves and per-epoch validation points, for figures and summaries."""
-
-    step_loss: np.ndarray
-    step_acc: np.ndarray
-    epoch_end_steps: list[int] = dataclasses.field(default_factory=list)
-    val_loss: list[float] = dataclasses.field(default_factory=list)
-    val_acc: list[float] = dataclasses.field(default_factory=list)
-    train_seconds: float = 0.0
-
-    @property
-    def best_val_acc(self) -> float | None:
-        return max(self.val_acc) if self.val_acc else None
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where training stands at a step boundary: what a checkpoint saves and a resume restores.
-
-    ``fit`` keeps it current after every step, so an interrupted run can be saved part-way
-    through an epoch and continue with the same batches in the same order.
-    """
-
-    step_loss: torch.Tensor  # every step's loss (on the device, sized for the whole run)
-    step_acc: torch.Tensor
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps completed
-    order: torch.Tensor | None = None  # the shuffle of an epoch stopped part-way
-    lrs: dict[int, float] = dataclasses.field(default_factory=dict)  # that epoch's logged lrs
-    history: History = dataclasses.field(default_factory=lambda: History(np.empty(0), np.empty(0)))
-
-    @classmethod
-    def start(cls, total_steps: int, device: torch.device) -> "Progress":
-        return cls(torch.zeros(total_steps, device=device), torch.zeros(total_steps, device=device))
-
-    def state_dict(self) -> dict:
-        """Plain tensors, numbers and lists: loadable with ``torch.load(weights_only=True)``."""
-        history = self.history
-        return {
-            "epoch": self.epoch,
-            "step": self.step,
-            "order": None if self.order is None else self.order.cpu(),
-            "lrs": dict(self.lrs),
-            "step_loss": self.step_loss[: self.step].cpu(),
-            "step_acc": self.step_acc[: self.step].cpu(),
-            "epoch_end_steps": list(history.epoch_end_steps),
-            "val_loss": list(history.val_loss),
-            "val_acc": list(history.val_acc),
-            "train_seconds": history.train_seconds,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.step = state["epoch"], state["step"]
-        device = self.step_loss.device
-        self.order = None if state["order"] is None else state["order"].to(device)
-        self.lrs = dict(state["lrs"])
-        self.step_loss[: self.step] = state["step_loss"].to(device)
-        self.step_acc[: self.step] = state["step_acc"].to(device)
-        self.history = History(
-            np.empty(0),
-            np.empty(0),
-            list(state["epoch_end_steps"]),
-            list(state["val_loss"]),
-            list(state["val_acc"]),
-            state["train_seconds"],
-        )
 
 
 def steps_per_epoch(n_samples: int, cfg: TrainerConfig) -> int:
@@ -134,22 +61,19 @@ def evaluate(model: nn.Module, split: Split, batch_size: int) -> Evaluation:
 
 
 def fit(
-    model: nn.Module,
+    state: TrainingState,
     data: Data,
-    optimizer: Optimizer,
-    scheduler: LRScheduler,
     cfg: TrainerConfig,
-    generator: torch.Generator,
     log_rows: Callable[[MetricRows], None],
-    progress: Progress,
     stop: SignalGuard,
 ) -> History:
-    """Train from ``progress`` to ``cfg.epochs`` epochs; log step and epoch metrics through
-    ``log_rows`` once per epoch, after ``progress`` has been brought to the epoch's end.
+    """Train from ``state.progress`` to ``cfg.epochs`` epochs; log step and epoch metrics through
+    ``log_rows`` once per epoch, after ``state`` has been brought to the epoch's end.
 
-    Between steps ``stop.raise_if_requested()`` ends training with ``progress`` current. A
+    Between steps ``stop.raise_if_requested()`` ends training with ``state`` current. A
     progress bar is drawn only on a terminal; every epoch also ends with one log line.
     """
+    model, optimizer, scheduler, progress = state.model, state.optimizer, state.scheduler, state.progress
     train = data.train
     n, batch = len(train), cfg.batch_size
     per_epoch = steps_per_epoch(n, cfg)
@@ -167,7 +91,7 @@ def fit(
             started = time.perf_counter()
             model.train()
             if progress.order is None:
-                progress.order = torch.randperm(n, generator=generator).to(device)
+                progress.order = torch.randperm(n, generator=state.generator).to(device)
             order, lrs = progress.order, progress.lrs
             first = step - (epoch - 1) * per_epoch  # > 0 when resuming part-way through an epoch
             for i in range(first, per_epoch):

@@ -1,0 +1,313 @@
+"""The phases of one training run, each a function with plain inputs and outputs.
+
+``task.run`` calls them in order for one config; a driver that trains several configs in one
+process calls the same phases per member. Data flows one way: ``Start`` (how the run begins)
+-> ``Session`` (the built training objects) -> ``Record`` (the open MLflow run and its
+checkpoints) -> history, test evaluation, figures and model.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.data.dataset import Dataset
+from omegaconf import DictConfig, OmegaConf
+
+from sweeplab import checkpoint, figures
+from sweeplab.checkpoint import Checkpointer
+from sweeplab.data import Data, load_data
+from sweeplab.device import resolve_device
+from sweeplab.errors import ConfigError
+from sweeplab.interrupt import Interrupted, SignalGuard
+from sweeplab.job import Job
+from sweeplab.models import MODELS
+from sweeplab.optimizers import OPTIMIZERS
+from sweeplab.provenance import code_state, dataset_input, environment_tags
+from sweeplab.record import (
+    TAG_CHECKPOINTS,
+    TAG_RESUME_CHANGED,
+    TAG_RESUMED,
+    TAG_STOPPED,
+    config_hash,
+    result_config,
+    run_params,
+    run_tags,
+)
+from sweeplab.render import rendering
+from sweeplab.resume import ResumePoint, locate, own_overrides, resumed_config
+from sweeplab.schedulers import SCHEDULERS
+from sweeplab.schema import CheckpointConfig, SweepConfig, TrackingConfig, TrainerConfig
+from sweeplab.seeding import seed_everything
+from sweeplab.state import History, MetricRows, Progress, TrainingState
+from sweeplab.sweep import previous_run
+from sweeplab.timing import Stopwatch, timed
+from sweeplab.tracking import RunLog, Tracker
+from sweeplab.train import Evaluation, evaluate, fit, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Start:
+    """How a run begins: the config it trains, the store if already opened, what came before."""
+
+    cfg: DictConfig
+    tracker: Tracker | None = None
+    resume: ResumePoint | None = None  # continue this run from its checkpoint
+    reused: dict[str, float] | None = None  # a FINISHED run's metrics: nothing to train
+
+
+@dataclasses.dataclass
+class Session:
+    """One run's validated settings and built training objects."""
+
+    cfg: DictConfig
+    trainer: TrainerConfig
+    tracking: TrackingConfig
+    checkpointing: CheckpointConfig
+    device: torch.device
+    data: Data
+    dataset: Dataset  # what was read, with its digest, as an MLflow dataset input
+    training: TrainingState
+    watch: Stopwatch
+
+
+@dataclasses.dataclass
+class Record:
+    """One open MLflow run and the folder its checkpoints go to."""
+
+    log: RunLog
+    checkpoints: Checkpointer
+    meta: dict[str, Any]  # what every checkpoint says about the run it belongs to
+
+    def contents(self, session: Session, rows: MetricRows) -> dict[str, Any]:
+        return checkpoint.contents(session.training, rows, self.meta)
+
+    def epoch_end(self, session: Session, rows: MetricRows) -> None:
+        """Checkpoint first, then log: a resume re-logs rows that never reached MLflow."""
+        progress = session.training.progress
+        with session.watch("checkpoint"):
+            self.checkpoints.epoch_end(
+                lambda: self.contents(session, rows), progress.epoch, progress.step, progress.history.improved
+            )
+        with session.watch("tracking"):
+            self.log.log_rows(rows)
+
+    def stopped(self, session: Session, stop: Interrupted) -> None:
+        """A checkpoint of exactly this step (if it is a step boundary), and where it stopped."""
+        progress = session.training.progress
+        where = f"epoch {progress.epoch + 1} of {session.trainer.epochs}, step {progress.step}"
+        saved = (
+            self.checkpoints.save(self.contents(session, []), progress.epoch, progress.step)
+            if stop.clean
+            else None
+        )
+        self.log.set_tag(TAG_STOPPED, f"{stop} at {where}; checkpoint: {saved or 'none (stopped at once)'}")
+        log.warning("%s at %s; resume with: sweeplab resume=%s", stop, where, self.log.run_id)
+
+
+def decide_start(cfg: DictConfig, job: Job, watch: Stopwatch) -> Start:
+    """New, resumed (``resume=``, or a sweep's KILLED run of this config) or reused (a sweep's
+    FINISHED run of this config). Inside a sweep the store exists already, so it is asked
+    before any data is loaded; a single run opens its store only once the rest is valid."""
+    with watch("setup"):
+        tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
+        sweep: SweepConfig = OmegaConf.to_object(cfg.sweep)
+        if cfg.resume:
+            tracker = Tracker(tracking, job.launch_dir, os.environ)
+            point = locate(cfg.resume, tracker.client)
+            return Start(resumed_config(cfg, point, job.overrides), tracker, resume=point)
+        if not job.parent_run_id:
+            return Start(cfg)
+        tracker = Tracker(tracking, job.launch_dir, os.environ, job.parent_run_id)
+        previous = previous_run(tracker, config_hash(cfg), job) if sweep.skip_completed else None
+        if isinstance(previous, ResumePoint):
+            return Start(cfg, tracker, resume=previous)
+        return Start(cfg, tracker, reused=previous)
+
+
+def build(start: Start, watch: Stopwatch) -> Session:
+    """Validate the settings, load the data, build model, optimizer and schedule, and restore
+    them from the checkpoint when resuming."""
+    cfg = start.cfg
+    with watch("setup"):
+        trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)
+        tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)  # a resumed run's own
+        checkpointing: CheckpointConfig = OmegaConf.to_object(cfg.checkpoint)
+        device = resolve_device(cfg.device)
+        generator = seed_everything(cfg.seed)
+    with watch("data"):
+        data = load_data(cfg.data, device)
+        dataset = dataset_input(cfg.data.name, data)  # hashing what was read is part of reading it
+    with watch("setup"):
+        model = MODELS.build(cfg.model, data.in_features, len(data.classes)).to(device)
+        optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
+        per_epoch = steps_per_epoch(len(data.train), trainer)
+        scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
+        progress = Progress.start(per_epoch * trainer.epochs, device)
+        training = TrainingState(model, optimizer, scheduler, generator, progress)
+        if start.resume:
+            _restore(start.resume, cfg, dataset, training)
+    return Session(cfg, trainer, tracking, checkpointing, device, data, dataset, training, watch)
+
+
+@contextlib.contextmanager
+def open_run(session: Session, start: Start, job: Job) -> Iterator[Record]:
+    """The MLflow run, new or reopened, for the length of the block: it ends FINISHED, KILLED
+    on a signal, or FAILED with the reason."""
+    cfg, point = session.cfg, start.resume
+    with session.watch("setup"):
+        tracker = start.tracker or Tracker(session.tracking, job.launch_dir, os.environ)
+        code_tags, diff = code_state(Path(__file__).parent)
+    log.info(
+        "%s on %s (%d threads): %d train / %d val / %d test samples, %s",
+        cfg.model.name,
+        session.device,
+        torch.get_num_threads(),
+        len(session.data.train),
+        len(session.data.val),
+        len(session.data.test),
+        tracker,
+    )
+    with contextlib.ExitStack() as stack:
+        with session.watch("tracking"):  # creating the run and logging its params count as tracking
+            run_log = stack.enter_context(
+                tracker.run(
+                    job.name,
+                    run_tags(cfg, job) | code_tags | environment_tags(session.device),
+                    run_params(cfg, job),
+                    resume_run_id=point.run_id if point else None,
+                )
+            )
+            if point:
+                checkpoints = Checkpointer(point.folder, session.checkpointing)
+                _reopen(run_log, point)
+            else:
+                # one folder per run: a fixed hydra.run.dir must not mix two runs' checkpoints
+                checkpoints = Checkpointer(
+                    job.output_dir / "checkpoints" / run_log.run_id, session.checkpointing
+                )
+                run_log.set_tag(TAG_CHECKPOINTS, str(checkpoints.folder.resolve()))
+                _log_inputs(run_log, cfg, job, session.dataset, diff)
+        meta = {
+            "run_id": run_log.run_id,
+            "config": result_config(cfg),
+            "overrides": own_overrides(job.overrides),
+            "data_digest": session.dataset.digest,
+        }
+        yield Record(run_log, checkpoints, meta)
+
+
+@timed("training")
+def train(session: Session, record: Record, guard: SignalGuard) -> History:
+    """Train to the configured epoch; each epoch ends with a checkpoint and its metrics logged.
+    A signal stops at the next step boundary with a checkpoint of that step."""
+    try:
+        with guard.deferred():
+            return fit(
+                session.training,
+                session.data,
+                session.trainer,
+                functools.partial(record.epoch_end, session),
+                guard,
+            )
+    except Interrupted as stop:
+        record.stopped(session, stop)
+        raise
+
+
+@timed("evaluation")
+def evaluate_test(session: Session, record: Record, history: History) -> Evaluation:
+    """Loss and accuracy on every test sample, logged with the best validation accuracy."""
+    test = evaluate(session.training.model, session.data.test, session.trainer.eval_batch_size)
+    with session.watch("tracking"):
+        record.log.log_metrics(_final(history, test), step=history.epoch_end_steps[-1])
+    log.info("test/loss %.4f | test/acc %.4f", test.loss, test.acc)
+    return test
+
+
+def record_outputs(session: Session, record: Record, history: History, test: Evaluation) -> None:
+    """Figures (drawn in a child process while this one logs the model), the model, and the
+    seconds every phase took."""
+    tracking, watch, step = session.tracking, session.watch, history.epoch_end_steps[-1]
+    with contextlib.ExitStack() as stack:
+        if tracking.figures:
+            with watch("figures"):
+                jobs = figures.run_jobs(
+                    session.training.model,
+                    session.data,
+                    history,
+                    test.predictions,
+                    tracking.pca_samples,
+                    session.cfg.seed,
+                )
+                drawing = stack.enter_context(rendering(jobs))
+        if tracking.log_model:
+            with watch("model_logging"):
+                record.log.log_model(session.training.model, session.data.test.x[:5], step)
+        if tracking.figures:
+            with watch("figures"):
+                record.log.log_folder(drawing.wait(), "figures")
+    record.log.log_metrics(watch.metrics(), step=step)
+
+
+def results(history: History, test: Evaluation) -> dict[str, float]:
+    """What the run returns to a sweeper: test metrics and the last validation point."""
+    last_val = {"val/loss": history.val_loss[-1], "val/acc": history.val_acc[-1]} if history.val_acc else {}
+    return _final(history, test) | last_val
+
+
+def _final(history: History, test: Evaluation) -> dict[str, float]:
+    final = {"test/loss": test.loss, "test/acc": test.acc}
+    if history.best_val_acc is not None:
+        final["best/val_acc"] = history.best_val_acc
+    return final
+
+
+def _restore(point: ResumePoint, cfg: DictConfig, dataset: Dataset, training: TrainingState) -> None:
+    """Training state from the checkpoint, after checking it was made from the same data."""
+    if point.state["data_digest"] != dataset.digest and not cfg.resume_force:
+        raise ConfigError(
+            f"resume={point.run_id}: the data read now (data={cfg.data.name}, MD5 {dataset.digest}) differs "
+            f"from what the run was trained on (MD5 {point.state['data_digest']}): check data.root, or add "
+            "resume_force=true to continue on this data."
+        )
+    try:
+        training.load_state_dict(point.state, reconfigured=bool(point.changed))
+    except RuntimeError as exc:  # weights of another shape: resume_force cannot bridge that
+        raise ConfigError(
+            f"resume={point.run_id}: the checkpoint {point.path} does not fit the model now "
+            f"configured ({point.describe_changes()}): {str(exc).splitlines()[0]}"
+        ) from exc
+    progress = training.progress
+    log.info(
+        "resuming run %s from %s (epoch %d, step %d)", point.run_id, point.path, progress.epoch, progress.step
+    )
+
+
+def _log_inputs(run_log: RunLog, cfg: DictConfig, job: Job, dataset: Dataset, diff: str | None) -> None:
+    """What a new run was made from: data digest, resolved config, uncommitted code, .hydra/."""
+    run_log.log_dataset(dataset)
+    run_log.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+    if diff:
+        run_log.log_text(diff, "code/diff.patch")
+    hydra_dir = job.output_dir / ".hydra"
+    if hydra_dir.is_dir():
+        run_log.log_folder(hydra_dir, ".hydra")
+
+
+def _reopen(run_log: RunLog, point: ResumePoint) -> None:
+    """Log the closing epoch's rows if the process died before MLflow got them; note the resume."""
+    rows = point.state["rows"]
+    logged = run_log.client.get_metric_history(run_log.run_id, "time/epoch_s")
+    if rows and rows[-1][0] > max((m.step for m in logged), default=-1):
+        run_log.log_rows(rows)
+    run_log.set_tag(TAG_RESUMED, str(point.path))
+    if point.changed:  # resume_force=true: say what no longer matches the params
+        run_log.set_tag(TAG_RESUME_CHANGED, point.describe_changes()[:5000])
