@@ -1,4 +1,4 @@
-"""Model registry and the two models of the course notebook.
+"""Model registry and the built-in models: multinomial logistic regression and an MLP.
 
 Every model takes ``(in_features, n_classes)`` positionally and its YAML keys as keyword-only
 arguments, and lists in ``representation_layers`` the submodules whose outputs are hidden

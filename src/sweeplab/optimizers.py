@@ -41,7 +41,7 @@ def sgd(
     nesterov: bool = False,
     weight_decay: float = 0.0,
 ) -> Optimizer:
-    """SGD with (optionally Nesterov) momentum, the notebook's optimizer."""
+    """SGD with (optionally Nesterov) momentum."""
     _check_common(lr, weight_decay)
     require(0 <= momentum < 1, "optimizer.momentum", momentum, "a value in [0, 1)")
     require(not nesterov or momentum > 0, "optimizer.nesterov", nesterov, "false when momentum is 0")

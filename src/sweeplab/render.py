@@ -1,6 +1,6 @@
 """Figures drawn to PNG files in a forked process, while the run goes on logging its model.
 
-Drawing the notebook's figures and logging the model each take about a second of one core
+Drawing a run's figures and logging its model each take about a second of one core
 after training; on Linux a forked child draws while the parent logs, so the two overlap. The
 child only draws numpy arrays computed beforehand (no torch, no MLflow, whose sqlite connection
 must not cross a fork) and leaves through ``os._exit``, so the parent's exit handlers never run

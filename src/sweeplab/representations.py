@@ -8,7 +8,7 @@ from torch import nn
 def representations(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> dict[str, torch.Tensor]:
     """Outputs of each of ``model.representation_layers`` for inputs ``x``, in eval mode, on CPU.
 
-    Hooks keep models free of attributes stashed during ``forward`` (the notebook's ``self.rep1``).
+    Hooks read any named submodule, so models need no attributes stashed during ``forward``.
     """
     names: tuple[str, ...] = getattr(model, "representation_layers", ())
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
