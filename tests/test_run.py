@@ -37,7 +37,7 @@ def test_run_logs_params_metrics_figures_and_model(compose_cfg, store: str, job)
 
     logged = _only_run(store)
     client = mlflow.MlflowClient(store)
-    assert logged.info.status == "FINISHED" and logged.info.run_name == "test-run"
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "data=synthetic"
     params = logged.data.params
     assert params["optimizer.lr"] == "0.05"
     assert params["model.hidden_dims"] == "[32, 16]"
@@ -109,3 +109,12 @@ def test_diverging_run_ends_failed(compose_cfg, store: str, job) -> None:
     with pytest.raises(RuntimeError, match="non-finite"):
         run(compose_cfg([*FAST, "optimizer.lr=1e12", "model.dropout=0"]), job)
     assert _only_run(store).info.status == "FAILED"
+
+
+def test_normalize_standardises_every_split_by_the_training_split(compose_cfg) -> None:
+    raw = load_data(compose_cfg(["data=synthetic"]).data, torch.device("cpu"))
+    data = load_data(compose_cfg(["data=synthetic", "data.normalize=true"]).data, torch.device("cpu"))
+    mean, std = raw.train.x.mean(), raw.train.x.std()
+    assert float(data.train.x.mean()) == pytest.approx(0, abs=1e-6)
+    assert float(data.train.x.std()) == pytest.approx(1, abs=1e-6)
+    assert torch.allclose(data.test.x, (raw.test.x - mean) / std) and torch.equal(data.val.y, raw.val.y)

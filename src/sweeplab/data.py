@@ -8,6 +8,7 @@ start-up, which a config error or a synthetic-data run should not pay.
 """
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,11 @@ class DataConfig(NamedConfig):
 
     val_size: int = 5000
     split_seed: int = 0
+    # standardise inputs with the mean and standard deviation of the training split (all splits)
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.val_size >= 0, "data.val_size", self.val_size, "an integer >= 0 (0: no validation)")
 
 
 @dataclasses.dataclass
@@ -72,7 +78,9 @@ DATASETS: Registry[Source] = Registry("data", base=DataConfig)
 
 
 def load_data(cfg: DictConfig, device: torch.device) -> Data:
-    """Build the dataset named by ``cfg.name`` and carve ``cfg.val_size`` validation samples."""
+    """Build the dataset named by ``cfg.name``, carve ``cfg.val_size`` validation samples, and
+    with ``cfg.normalize`` standardise every split by the training split's mean and std (one
+    scalar each, as for images: a per-pixel std is zero on MNIST's always-black border)."""
     source = DATASETS.build(cfg)
     n_train = len(source.train)
     require(
@@ -84,10 +92,18 @@ def load_data(cfg: DictConfig, device: torch.device) -> Data:
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.split_seed))
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
     full = source.train
+    train, val, test = (
+        Split(full.x[train_idx], full.y[train_idx]),
+        Split(full.x[val_idx], full.y[val_idx]),
+        source.test,
+    )
+    if cfg.normalize:
+        mean, std = train.x.mean(), train.x.std()
+        train, val, test = (Split((s.x - mean) / std, s.y) for s in (train, val, test))
     return Data(
-        train=Split(full.x[train_idx], full.y[train_idx]).to(device),
-        val=Split(full.x[val_idx], full.y[val_idx]).to(device),
-        test=source.test.to(device),
+        train=train.to(device),
+        val=val.to(device),
+        test=test.to(device),
         classes=source.classes,
         sample_shape=source.sample_shape,
         files=source.files,
@@ -105,6 +121,11 @@ def _torchvision_split(
     name = dataset_cls.__name__
     raw = Path(root) / name / "raw"
     existed = raw.exists()
+    prefix = "train" if train else "t10k"
+    used = [raw / Path(url).name.removesuffix(".gz") for url, _ in dataset_cls.resources]
+    used = [path for path in used if path.name.startswith(prefix)]
+    for path in used:
+        _check_idx_size(path)
     try:
         ds = dataset_cls(root=root, train=train, download=download)
     except RuntimeError as exc:
@@ -125,9 +146,32 @@ def _torchvision_split(
             "(or delete it and rerun with data.download=true)."
         ) from exc
     x = ds.data.reshape(len(ds.data), -1).float().div_(255)
-    used = [raw / Path(url).name.removesuffix(".gz") for url, _ in dataset_cls.resources]
-    prefix = "train" if train else "t10k"
-    return Split(x, ds.targets.long()), list(ds.classes), [p for p in used if p.name.startswith(prefix)]
+    return Split(x, ds.targets.long()), list(ds.classes), used
+
+
+def _check_idx_size(path: Path) -> None:
+    """An IDX file's header gives its element type and shape, so its size is known: a truncated
+    or padded file is named here, instead of failing inside the reader with a reshape error."""
+    if not path.is_file():
+        return  # missing: the reader downloads it, or says where to put it
+    with path.open("rb") as handle:
+        header = handle.read(4)
+        if len(header) < 4 or header[:2] != b"\0\0" or header[2] not in _IDX_ITEM_SIZE:
+            raise ConfigError(f"{path} is not an IDX file (its first bytes are {header!r}). {_REPLACE}")
+        dims = handle.read(4 * header[3])
+    shape = [int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4)]
+    expected = 4 + 4 * header[3] + _IDX_ITEM_SIZE[header[2]] * math.prod(shape)
+    size = path.stat().st_size
+    if size != expected:
+        raise ConfigError(
+            f"{path} is truncated or corrupt: {size} bytes, expected {expected} for its "
+            f"{'x'.join(map(str, shape))} array. {_REPLACE}"
+        )
+
+
+# IDX element type code -> bytes per element (unsigned/signed byte, short, int, float, double)
+_IDX_ITEM_SIZE = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+_REPLACE = "Replace it with the original file (or delete it and run again with data.download=true)."
 
 
 def _torchvision_source(class_name: str, root: str, download: bool) -> Source:

@@ -23,6 +23,11 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
 }
+NORMS: dict[str, type[nn.Module] | None] = {
+    "none": None,
+    "layernorm": nn.LayerNorm,
+    "batchnorm": nn.BatchNorm1d,
+}
 
 
 @MODELS.register("logreg")
@@ -46,7 +51,8 @@ class LogisticRegression(nn.Module):
 
 @MODELS.register("mlp")
 class MLP(nn.Sequential):
-    """Fully connected network: ``hidden{i}`` = Linear -> activation -> Dropout, then ``output``."""
+    """Fully connected network: ``hidden{i}`` = Linear -> [norm] -> activation -> Dropout, then
+    ``output``. ``norm`` is none, layernorm or batchnorm (over each hidden layer's units)."""
 
     def __init__(
         self,
@@ -56,6 +62,7 @@ class MLP(nn.Sequential):
         hidden_dims: Sequence[int] = (256, 100),
         activation: str = "relu",
         dropout: float = 0.25,
+        norm: str = "none",
     ) -> None:
         require(0.0 <= dropout < 1.0, "model.dropout", dropout, "a probability in [0, 1)")
         require(
@@ -68,11 +75,14 @@ class MLP(nn.Sequential):
             raise ConfigError(
                 f"model.activation={activation!r} is invalid: expected one of {sorted(ACTIVATIONS)}."
             )
+        if norm not in NORMS:
+            raise ConfigError(f"model.norm={norm!r} is invalid: expected one of {sorted(NORMS)}.")
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         width_in = in_features
         for i, width in enumerate(hidden_dims, start=1):
+            normalization = [NORMS[norm](width)] if NORMS[norm] else []
             layers[f"hidden{i}"] = nn.Sequential(
-                nn.Linear(width_in, width), ACTIVATIONS[activation](), nn.Dropout(dropout)
+                nn.Linear(width_in, width), *normalization, ACTIVATIONS[activation](), nn.Dropout(dropout)
             )
             width_in = width
         layers["output"] = nn.Linear(width_in, n_classes)
