@@ -1,6 +1,7 @@
 """Checkpoints, interruption by signals, and resuming: runs and sweeps that survive a stop."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,8 +164,12 @@ def test_resume_by_checkpoint_path_and_refusals(tmp_path: Path, store: str) -> N
     assert "resume=0123456789abcdef: no such MLflow run" in unknown.stdout
 
     (folder / "garbage.pt").write_bytes(b"not a checkpoint")
-    garbage = run_cli([f"resume={folder / 'garbage.pt'}"], cwd=tmp_path)
-    assert garbage.returncode == 2 and "garbage.pt is not a readable sweeplab checkpoint" in garbage.stdout
+    whole = (folder / "epoch4-step24.pt").read_bytes()
+    (folder / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    for name in ["garbage.pt", "truncated.pt"]:
+        damaged = run_cli([f"resume={folder / name}"], cwd=tmp_path)
+        assert damaged.returncode == 2 and f"{name} is not a readable sweeplab checkpoint" in damaged.stdout
+        assert "Traceback" not in damaged.stdout + damaged.stderr and damaged.stdout.count("\n") == 1
     assert len(_runs(store)) == 1
 
 
@@ -241,6 +246,40 @@ def test_ctrl_c_on_a_fork_sweep_stops_running_jobs_cleanly_and_starts_no_more(
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert killed <= {c.info.run_id for c in children}
     assert mlflow.MlflowClient(store).get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_a_fork_sweep_survives_a_killed_worker_and_a_rerun_resumes_its_job(
+    tmp_path: Path, store: str
+) -> None:
+    """kill -9 of one job's process (what the OOM killer does): the job's run ends KILLED, the
+    other jobs run, the parent ends KILLED with the counts, and a re-run resumes that job."""
+    sweep = ["-m", "hydra/launcher=fork", "hydra.launcher.n_jobs=1", "seed=0,1,2", *SLOW]
+    process, seen = _start(sweep, tmp_path, until="epoch 1/4")
+    os.kill(int(re.search(r"#0 started in process (\d+)", seen).group(1)), signal.SIGKILL)
+    rest, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, seen + rest
+    assert re.search(r"job #0 \(seed=0 .*\) stopped: its process died \(SIGKILL\)", rest)
+    assert "Traceback" not in rest
+    (parent,) = [r for r in _runs(store) if r.data.tags.get("sweeplab.sweep") == "parent"]
+    children = {r.data.params["seed"]: r for r in _runs(store) if "sweeplab.sweep" not in r.data.tags}
+    assert {seed: c.info.status for seed, c in children.items()} == {
+        "0": "KILLED",
+        "1": "FINISHED",
+        "2": "FINISHED",
+    }
+    assert "its process died (SIGKILL)" in children["0"].data.tags["sweeplab.stopped"]
+    assert parent.info.status == "KILLED" and parent.data.metrics["sweep/killed"] == 1
+    assert parent.data.metrics["sweep/finished"] == 2
+
+    rerun = run_cli(sweep, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert (
+        rerun.stdout.count("skipped: run") == 2
+        and f"resuming run {children['0'].info.run_id}" in rerun.stdout
+    )
+    client = mlflow.MlflowClient(store)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert client.get_run(children["0"].info.run_id).info.status == "FINISHED"
 
 
 def test_checkpointer_keeps_newest_and_best_and_writes_atomically(

@@ -9,9 +9,9 @@ override would need quoted); ``best.pt`` is the state with the highest ``val/acc
 
 import logging
 import os
-import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,14 +52,25 @@ def _publish(tmp: Path, path: Path) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """A checkpoint's state on the CPU; a file that is not one is a user-facing error."""
+    """A checkpoint's state on the CPU; a file that is not one is a one-line user-facing error,
+    whatever the unpickler raised for it (truncated zip, text, another pickle)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise ConfigError(f"{path} is not a readable sweeplab checkpoint: {exc}") from exc
+        with warnings.catch_warnings():  # the unpickler's notes on foreign pickles are noise here
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}).") from exc
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise ConfigError(
+            f"{path} is not a readable sweeplab checkpoint ({type(exc).__name__}: {reason}). {_WHAT}"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a sweeplab checkpoint (format {FORMAT}).")
+        raise ConfigError(f"{path} is not a sweeplab checkpoint (format {FORMAT}). {_WHAT}")
     return state
+
+
+_WHAT = "Expected a .pt file from a run's checkpoints/ folder."
 
 
 def load_latest(folder: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -146,6 +146,7 @@ def summarize(
         "sweep/children": len(runs),
         "sweep/finished": int((table.status == "FINISHED").sum()),
         "sweep/failed": int((table.status == "FAILED").sum()),
+        "sweep/killed": int((table.status == "KILLED").sum()),
         "sweep/reused": len(reused),
     }
     finished = table[(table.status == "FINISHED") & table[sweep.objective].notna()]

@@ -6,8 +6,10 @@ that start-up cost eats the parallelism (2 joblib workers were slower than 1 on 
 machine). This launcher imports those modules once, in the launching process, then forks the
 workers, which start in milliseconds. Linux and other fork platforms only.
 
-A worker runs its jobs one after the other like Hydra's basic launcher does, with torch limited
-to (cores / workers) threads. Database connections are never shared across the fork: a pooled
+Each job runs in a process forked for it, ``n_jobs`` at a time, with torch limited to
+(cores / workers) threads. A job whose process dies (the OOM killer, ``kill -9``) takes no other
+job with it: its run is ended KILLED, the sweep goes on, and re-running the sweep resumes that job
+from its last checkpoint. Database connections are never shared across the fork: a pooled
 connection that was opened before it is discarded and reopened in the worker (SQLAlchemy's
 recipe for pools and ``os.fork``).
 """
@@ -15,17 +17,19 @@ recipe for pools and ``os.fork``).
 import dataclasses
 import importlib
 import logging
+import math
 import multiprocessing
 import os
 import signal
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -70,6 +74,7 @@ def _watch_connections() -> None:
         event.listen(Pool, "checkout", _refuse_inherited_connection)
 
 
+_FORK = multiprocessing.get_context("fork")
 # What forked workers inherit instead of receiving it pickled: the launcher of this sweep.
 _LAUNCHER: "ForkLauncher | None" = None
 _LAUNCHING_PID = os.getpid()
@@ -102,63 +107,119 @@ class ForkLauncher(Launcher):
         _LAUNCHER, _LAUNCHING_PID = self, os.getpid()
         _watch_connections()
         jobs = [(initial_job_idx + idx, list(overrides)) for idx, overrides in enumerate(job_overrides)]
-        pool = ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("fork"),
-            initializer=_start_worker,
-            initargs=(max(1, cores // workers),),
-        )
+        return _Workers(workers, max(1, cores // workers)).run(jobs)
+
+
+class _Workers:
+    """Up to ``size`` jobs at a time, each in a process forked for it: a job whose process dies
+    (the OOM killer, ``kill -9``) takes no other job with it; its run is ended KILLED and the
+    next job starts in a fresh process."""
+
+    def __init__(self, size: int, threads: int) -> None:
+        self.size, self.threads = size, threads
+        self.running: dict[int, tuple[int, list[str], multiprocessing.process.BaseProcess, Connection]] = {}
+        self.exit_code: int | None = None  # a job that stopped the sweep (signal, on_error=raise)
+
+    def run(self, jobs: list[tuple[int, list[str]]]) -> list[JobReturn]:
+        pending, results = deque(jobs), {}
         try:
-            return list(pool.map(_run_job, *zip(*jobs, strict=True)))
-        finally:  # after Ctrl-C: let running jobs checkpoint and end, start no new ones
-            pool.shutdown(wait=True, cancel_futures=True)
+            while pending or self.running:
+                while pending and len(self.running) < self.size and self.exit_code is None:
+                    self._start(*pending.popleft())
+                if not self.running:
+                    break
+                for sentinel in wait(list(self.running)):
+                    idx, overrides, process, returned = self.running.pop(sentinel)
+                    results[idx] = self._collect(idx, overrides, process, returned)
+        finally:  # after Ctrl-C: running jobs checkpoint and end (their own handlers), none starts
+            for _, _, process, _ in self.running.values():
+                process.join()
+        if self.exit_code is not None:
+            raise SystemExit(self.exit_code)
+        return [results[idx] for idx, _ in jobs]
+
+    def _start(self, idx: int, overrides: list[str]) -> None:
+        receive, send = _FORK.Pipe(duplex=False)
+        process = _FORK.Process(target=_job_process, args=(idx, overrides, send, self.threads))
+        process.start()
+        send.close()
+        self.running[process.sentinel] = (idx, overrides, process, receive)
+        log.info("#%d started in process %d", idx, process.pid)
+
+    def _collect(
+        self,
+        idx: int,
+        overrides: list[str],
+        process: multiprocessing.process.BaseProcess,
+        returned: Connection,
+    ) -> JobReturn | None:
+        """The job's ``JobReturn``; for a job stopped by an exit (a signal, ``on_error=raise``)
+        none, and no further job starts; for a job whose process died, NaN (the sweep goes on)."""
+        process.join()
+        try:
+            kind, value = returned.recv()
+        except EOFError:  # the process ended without a word: killed
+            kind, value = "died", None
+        if kind == "returned":
+            return value
+        if kind == "exited":
+            self.exit_code = self.exit_code if self.exit_code is not None else value
+            return None
+        from sweeplab.sweep import end_dead_job
+
+        code = process.exitcode or 0
+        killer = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+        reason = f"its process died ({killer}); re-run the sweep to resume it from its last checkpoint"
+        log.error("job #%d (%s) stopped: %s", idx, " ".join(filter_overrides(overrides)), reason)
+        end_dead_job(overrides, reason)
+        return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=math.nan)
 
 
-def _start_worker(threads: int) -> None:
-    """Share the cores: N workers on N cores must not each start N torch threads. Between jobs
-    a SIGINT/SIGTERM (a Ctrl-C reaches the whole process group) only marks the worker as
-    stopping; during a job the task's own handlers stop it cleanly."""
+def _job_process(idx: int, overrides: list[str], returned: Connection, threads: int) -> None:
+    """One job in a forked process, its ``JobReturn`` sent back through ``returned``. Torch gets
+    its share of the cores; a signal that arrives before the job has installed its own handlers
+    keeps the job from starting."""
     import torch
 
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for anything the job starts in turn
     torch.set_num_threads(threads)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stop_taking_jobs)
+        signal.signal(signum, _stop_before_start)
+    try:
+        returned.send(("returned", _run_job(idx, overrides)))
+    except SystemExit as stop:  # the job stopped the sweep: interrupted, or on_error=raise
+        code = stop.code if isinstance(stop.code, int) else 1
+        returned.send(("exited", code))
+        raise
 
 
 _stopping = False
 
 
-def _stop_taking_jobs(signum: int, frame: Any) -> None:
+def _stop_before_start(signum: int, frame: Any) -> None:
     global _stopping
     _stopping = True
 
 
 def _run_job(idx: int, overrides: list[str]) -> JobReturn:
-    """One job in a worker; none once a signal has stopped this worker's sweep (jobs already
-    queued to it are not cancelled by the launcher's shutdown)."""
-    global _stopping
     launcher = _LAUNCHER
     assert launcher is not None and launcher.hydra_context is not None and launcher.config is not None
     if _stopping:
-        raise RuntimeError(f"job #{idx} not started: the sweep was interrupted")
+        log.warning("job #%d not started: the sweep was interrupted", idx)
+        raise SystemExit(130)
     setup_globals()
     sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, overrides)
     with open_dict(sweep_config):
         sweep_config.hydra.job.id = idx
         sweep_config.hydra.job.num = idx
     HydraConfig.instance().set_config(sweep_config)
-    try:
-        ret = run_job(
-            hydra_context=launcher.hydra_context,
-            task_function=launcher.task_function,
-            config=sweep_config,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
-    except SystemExit:  # the job was stopped by a signal (sweeplab exits 130/143)
-        _stopping = True
-        raise
+    ret = run_job(
+        hydra_context=launcher.hydra_context,
+        task_function=launcher.task_function,
+        config=sweep_config,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
     # back to the launcher by pickle: plain nodes, since structured configs may use classes
     # made at run time (the registries' schemas) that pickle cannot look up
     ret.cfg = OmegaConf.create(OmegaConf.to_container(ret.cfg))
