@@ -70,7 +70,6 @@ def job(tmp_path: Path) -> Job:
         output_dir=out,
         overrides=["data=synthetic"],
         choices={"data": "synthetic", "hydra/launcher": "basic"},
-        name="test-run",
     )
 
 

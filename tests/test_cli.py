@@ -4,13 +4,14 @@ import hashlib
 import os
 import re
 import socket
+import subprocess
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-from conftest import FAST, run_cli
+from conftest import CONF, FAST, SWEEPLAB, run_cli
 
 
 def _runs(uri: str) -> list[mlflow.entities.Run]:
@@ -45,12 +46,58 @@ def test_cli_run_records_hydra_choices_and_files(tmp_path: Path, store: str) -> 
     assert list(tmp_path.glob("outputs/*/*/sweeplab.log"))
 
 
-def test_default_store_is_sqlite_in_the_launch_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _only_sweeplab_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """A run prints its own log lines and nothing from the libraries under it."""
+    lines = result.stdout.splitlines()
+    ours = [re.match(r"\[[^]]+\]\[(sweeplab|HYDRA)", line) for line in lines]
+    assert result.stderr == "" and all(ours), result.stdout + result.stderr
+    return lines
+
+
+def test_default_store_is_sqlite_in_the_launch_dir_and_the_last_line_says_how_to_open_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    result = run_cli([*FAST, "tracking.log_model=false", "tracking.figures=false"], cwd=tmp_path)
+    result = run_cli([*FAST, "tracking.figures=false"], cwd=tmp_path)  # a fresh store, a logged model
     assert result.returncode == 0, result.stdout + result.stderr
-    (logged,) = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (logged,) = _runs(uri)
     assert logged.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    last = _only_sweeplab_lines(result)[-1]
+    acc = logged.data.metrics["val/acc"]
+    assert f"run {logged.info.run_id} FINISHED: val/acc {acc:.4f}" in last
+    assert f"mlflow ui --backend-store-uri {uri}" in last and f"/runs/{logged.info.run_id}" in last
+    experiment = mlflow.MlflowClient(uri).get_experiment(logged.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its runs
+
+
+def test_help_lists_every_group_option_and_where_runs_go(tmp_path: Path) -> None:
+    result = run_cli(["--help"], cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("sweeplab: train PyTorch models")
+    lines = result.stdout.splitlines()
+    for group in [p for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")]:
+        line = next(line for line in lines if re.match(rf"\s+\+?{group.name}\s", line))
+        assert all(yaml.stem in line for yaml in group.glob("*.yaml")), (group.name, line)
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in result.stdout
+
+
+def test_runs_started_together_on_a_fresh_store_all_land_in_one_experiment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = [str(SWEEPLAB), *FAST, "trainer.epochs=1", "tracking.figures=false", "tracking.log_model=false"]
+    processes = [
+        subprocess.Popen(
+            [*args, f"seed={seed}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for seed in range(4)
+    ]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [p.returncode for p in processes] == [0] * 4, outputs
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.info.experiment_id for r in runs} == {client.get_experiment_by_name("sweeplab").experiment_id}
 
 
 def test_multirun_gives_one_run_per_job(tmp_path: Path, store: str) -> None:
@@ -61,6 +108,15 @@ def test_multirun_gives_one_run_per_job(tmp_path: Path, store: str) -> None:
     runs = _runs(store)
     assert sorted(r.data.params["model.name"] for r in runs) == ["logreg", "mlp"]
     assert {r.info.experiment_id for r in runs} != {"0"} and len({r.info.experiment_id for r in runs}) == 1
+    assert sorted(r.info.run_name for r in runs) == ["model=logreg", "model=mlp"]  # the rest is shared
+    best = max(runs, key=lambda r: r.data.metrics["val/acc"])
+    last = _only_sweeplab_lines(result)[-1]
+    finished = (
+        rf"sweep FINISHED: parent run \w+, 2 of 2 children finished, best model=\w+ \({best.info.run_id}\)"
+    )
+    assert (
+        re.search(finished, last) and "summary/sweep.md" in last and "mlflow ui --backend-store-uri" in last
+    )
 
 
 def test_every_preset_runs_in_one_sweep(tmp_path: Path, store: str) -> None:
@@ -102,6 +158,8 @@ BAD_INPUTS = [
     (["optimizer.lr=0"], "optimizer.lr=0.0 is invalid", "> 0"),
     (["optimizer.momentum=1.5"], "optimizer.momentum=1.5 is invalid", "[0, 1)"),
     (["model.dropout=1.0"], "model.dropout=1.0 is invalid", "[0, 1)"),
+    (["model.norm=groupnorm"], "model.norm='groupnorm' is invalid", "batchnorm"),
+    (["scheduler=step", "scheduler.gamma=0"], "scheduler.gamma=0.0 is invalid", "(0, 1]"),
     (["trainer.epochs=0"], "trainer.epochs=0 is invalid", ">= 1"),
     (["trainer.batch_size=0"], "trainer.batch_size=0 is invalid", ">= 1"),
     (["data.val_size=70000"], "data.val_size=70000 is invalid", "[0, 449]"),
@@ -156,9 +214,10 @@ def test_truncated_idx_file_is_named(tmp_path: Path, store: str, tiny_mnist: Pat
         ["data=mnist", f"data.root={tiny_mnist}", "data.val_size=20", "device=cpu"], cwd=tmp_path
     )
     assert result.returncode == 2
-    assert "Could not read MNIST training files" in result.stdout
-    assert "truncated or corrupt" in result.stdout and str(images.parent) in result.stdout
-    assert _runs(store) == []
+    assert f"{images} is truncated or corrupt: 5000 bytes, expected 156816 for its 200x28x28 array" in (
+        result.stdout
+    )
+    assert "Traceback" not in result.stdout + result.stderr and _runs(store) == []
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:

@@ -156,6 +156,13 @@ def test_optuna_sweep_records_the_best_trial(tmp_path: Path, store: str) -> None
     assert all(c.data.params["choice.sweep"] == "optuna" for c in children)
     for child in children:  # dropout and widths are searched only for MLP trials
         assert ("model.dropout=" in child.info.run_name) == (child.data.params["model.name"] == "mlp")
+        # names: what the trial chose, floats to 4 significant digits; what all trials share is not
+        assert "+sweep" not in child.info.run_name and "data=" not in child.info.run_name
+        lr = re.search(r"optimizer.lr=([^,]+)", child.info.run_name).group(1)
+        assert (
+            lr == f"{float(child.data.params['optimizer.lr']):.4g}"
+            and len(child.data.params["optimizer.lr"]) > 6
+        )
 
     # the study lives in memory: the same seed re-suggests the same trials, answered from MLflow
     rerun = _sweep(["+sweep=optuna", "hydra.sweeper.n_trials=6", *FAST, *QUIET], tmp_path)

@@ -13,17 +13,16 @@ from omegaconf import DictConfig, OmegaConf
 
 # importing the registries stores every group's schema in Hydra's ConfigStore before composition
 from sweeplab import CONFIG_PATH, data, models, optimizers, schedulers, schema  # noqa: F401
+from sweeplab.environment import apply_defaults
 from sweeplab.errors import ConfigError
 from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.job import ENV_PARENT_RUN, Job
 from sweeplab.train import DivergedError
+from sweeplab.validation import validate
 
 log = logging.getLogger("sweeplab")
 
-# An unreachable tracking server should fail a job in seconds, not after minutes of retries;
-# users who want more patience set these variables themselves.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+apply_defaults()
 
 
 def current_job() -> Job:
@@ -35,7 +34,6 @@ def current_job() -> Job:
         output_dir=Path(hc.runtime.output_dir),
         overrides=list(hc.overrides.task),
         choices={k: str(v) for k, v in hc.runtime.choices.items()},
-        name=hc.job.override_dirname or "default",
         multirun=multirun,
         parent_run_id=os.environ.get(ENV_PARENT_RUN) if multirun else None,
     )
@@ -49,12 +47,14 @@ def main(cfg: DictConfig) -> float:
     for an interrupted one. A sweep job that fails under ``sweep.on_error=continue`` returns
     NaN, which Optuna records as a failed trial.
     """
-    from sweeplab.sweep import job_outcome  # heavy imports (mlflow, matplotlib) only once composition worked
-    from sweeplab.task import run
-
     job = current_job()
     results: dict[str, float] = {}
     try:
+        if not job.multirun:  # a sweep job's errors go through sweep.on_error, inside run
+            validate(cfg)  # every config error before the heavy imports below
+        from sweeplab.sweep import job_outcome
+        from sweeplab.task import run
+
         with SignalGuard().installed() as guard, job_outcome(job, OmegaConf.to_object(cfg.sweep)):
             results = run(cfg, job, guard)
     except Interrupted as stop:  # the run is KILLED and checkpointed

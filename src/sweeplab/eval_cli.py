@@ -1,7 +1,6 @@
 """The ``sweeplab-eval`` command: a Hydra app around ``sweeplab.evaluation.run_eval``."""
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -11,12 +10,12 @@ from omegaconf import DictConfig
 
 # importing the registries stores every group's schema in Hydra's ConfigStore before composition
 from sweeplab import CONFIG_PATH, data, models, schema  # noqa: F401
+from sweeplab.environment import apply_defaults
 from sweeplab.errors import ConfigError
 
 log = logging.getLogger("sweeplab")
 
-# one line of output per artifact download is noise in a command whose output is a results table
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+apply_defaults()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")

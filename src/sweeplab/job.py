@@ -17,7 +17,6 @@ class Job:
     output_dir: Path
     overrides: list[str]
     choices: dict[str, str]
-    name: str = "default"
     # set for the jobs of a multirun: failures then follow sweep.on_error
     multirun: bool = False
     parent_run_id: str | None = None

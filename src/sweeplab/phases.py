@@ -36,6 +36,7 @@ from sweeplab.record import (
     TAG_STOPPED,
     config_hash,
     result_config,
+    run_name,
     run_params,
     run_tags,
 )
@@ -49,6 +50,7 @@ from sweeplab.sweep import previous_run
 from sweeplab.timing import Stopwatch, timed
 from sweeplab.tracking import RunLog, Tracker
 from sweeplab.train import Evaluation, evaluate, fit, steps_per_epoch
+from sweeplab.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class Record:
     log: RunLog
     checkpoints: Checkpointer
     meta: dict[str, Any]  # what every checkpoint says about the run it belongs to
+    where: str  # how a user opens the run: a command or a URL
 
     def contents(self, session: Session, rows: MetricRows) -> dict[str, Any]:
         return checkpoint.contents(session.training, rows, self.meta)
@@ -113,10 +116,12 @@ class Record:
 
 
 def decide_start(cfg: DictConfig, job: Job, watch: Stopwatch) -> Start:
-    """New, resumed (``resume=``, or a sweep's KILLED run of this config) or reused (a sweep's
-    FINISHED run of this config). Inside a sweep the store exists already, so it is asked
-    before any data is loaded; a single run opens its store only once the rest is valid."""
+    """Check the config, then decide: new, resumed (``resume=``, or a sweep's KILLED run of this
+    config) or reused (a sweep's FINISHED run of this config). Inside a sweep the store exists
+    already, so it is asked before any data is loaded; a single run opens its store only once
+    the rest is valid."""
     with watch("setup"):
+        validate(cfg)
         tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
         sweep: SweepConfig = OmegaConf.to_object(cfg.sweep)
         if cfg.resume:
@@ -179,7 +184,7 @@ def open_run(session: Session, start: Start, job: Job) -> Iterator[Record]:
         with session.watch("tracking"):  # creating the run and logging its params count as tracking
             run_log = stack.enter_context(
                 tracker.run(
-                    job.name,
+                    run_name(job.overrides, tracker.sweep_overrides),
                     run_tags(cfg, job) | code_tags | environment_tags(session.device),
                     run_params(cfg, job),
                     resume_run_id=point.run_id if point else None,
@@ -201,7 +206,7 @@ def open_run(session: Session, start: Start, job: Job) -> Iterator[Record]:
             "overrides": own_overrides(job.overrides),
             "data_digest": session.dataset.digest,
         }
-        yield Record(run_log, checkpoints, meta)
+        yield Record(run_log, checkpoints, meta, tracker.where(run_log.run_id))
 
 
 @timed("training")
@@ -268,6 +273,14 @@ def _final(history: History, test: Evaluation) -> dict[str, float]:
     if history.best_val_acc is not None:
         final["best/val_acc"] = history.best_val_acc
     return final
+
+
+def report(session: Session, record: Record, metrics: dict[str, float]) -> None:
+    """The run's last line: how it ended, its objective, its id, and where to look at it."""
+    objective = session.cfg.sweep.objective
+    shown = {key: metrics[key] for key in dict.fromkeys([objective, "test/acc"]) if key in metrics}
+    values = ", ".join(f"{key} {value:.4f}" for key, value in shown.items())
+    log.info("run %s FINISHED: %s | %s", record.log.run_id, values, record.where)
 
 
 def _restore(point: ResumePoint, cfg: DictConfig, dataset: Dataset, training: TrainingState) -> None:

@@ -2,6 +2,7 @@
 
 import hashlib
 import platform
+import warnings
 from pathlib import Path
 
 import git
@@ -73,6 +74,8 @@ def md5_of_tensors(data: Data) -> str:
 def dataset_input(name: str, data: Data) -> MetaDataset:
     """An MLflow dataset input: the files read (with their MD5) or the generated arrays."""
     if data.files:
-        source = resolve_dataset_source(str(data.files[0].parent.resolve()))
+        with warnings.catch_warnings():  # MLflow registers two alike local-file sources and says so
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
+            source = resolve_dataset_source(str(data.files[0].parent.resolve()))
         return MetaDataset(source, name=name, digest=md5_of_files(data.files))
     return MetaDataset(CodeDatasetSource({"builder": name}), name=name, digest=md5_of_tensors(data))

@@ -9,8 +9,10 @@ keeps that list equal to ``not_result_keys``.
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab.job import Job
@@ -34,6 +36,7 @@ TAG_DEVICE = "sweeplab.device"
 # sweeps: the parent run, and what it learnt from its children
 TAG_SWEEP = "sweeplab.sweep"  # "parent" on a sweep's parent run
 TAG_SWEEP_KEY = "sweeplab.sweep_key"  # digest of the sweep command, to find it again
+TAG_SWEEP_OVERRIDES = "sweeplab.sweep_overrides"  # the sweep command's overrides, as JSON
 TAG_REUSED = "sweeplab.reused."  # + config hash: the FINISHED run a job reused instead of training
 TAG_BEST_RUN_ID = "sweeplab.best_run_id"
 TAG_BEST_RUN_NAME = "sweeplab.best_run_name"
@@ -43,6 +46,9 @@ TAG_EVALUATED_FROM = "sweeplab.evaluated_from"
 # MLflow's own
 TAG_PARENT = "mlflow.parentRunId"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
+# on the experiment: MLflow 3's UI opens it on "Model training" (runs, charts), not GenAI traces
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_EXPERIMENT = "custom_model_development"
 
 # top-level keys that change where, whether or from where a run is logged, not what it computes
 NOT_RESULTS = ("tracking", "sweep", "checkpoint", "resume", "resume_force")
@@ -95,6 +101,27 @@ def run_params(cfg: DictConfig, job: Job) -> dict[str, Any]:
         f"choice.{group}": option for group, option in job.choices.items() if not group.startswith("hydra")
     }
     return params | groups
+
+
+def run_name(overrides: Sequence[str], sweep_overrides: Sequence[str] = ()) -> str:
+    """A run's name from its overrides: keys that change results, sorted, floats to 4 significant
+    digits (the params keep full precision). The plain (non-sweep) overrides of the sweep command
+    are left out: every child of the sweep has them, and they are on the parent."""
+    parser = OverridesParser.create()
+    shared = {
+        (o.key_or_group, str(o.value()))
+        for o in parser.parse_overrides(list(sweep_overrides))
+        if not o.is_sweep_override()
+    }
+    logging_only = set(not_result_keys())
+    parts = []
+    for override in parser.parse_overrides(list(overrides)):
+        value = override.value()
+        if override.key_or_group in logging_only or (override.key_or_group, str(value)) in shared:
+            continue
+        text = f"{value:.4g}" if isinstance(value, float) else override.get_value_element_as_str()
+        parts.append(f"{override.get_key_element()}={text}")
+    return ",".join(sorted(parts)) or "default"
 
 
 def run_tags(cfg: DictConfig, job: Job) -> dict[str, str]:

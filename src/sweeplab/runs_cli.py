@@ -26,6 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from sweeplab.environment import apply_defaults
 from sweeplab.record import TAG_FAILURE, TAG_OVERRIDES
 from sweeplab.schema import Config, TrackingConfig
 from sweeplab.tracking import tracking_uri
@@ -191,6 +192,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    apply_defaults()
     args = parser().parse_args(argv)
     try:
         rows = args.handler(args)

@@ -14,20 +14,30 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from sweeplab.interrupt import Interrupted
 from sweeplab.job import ENV_PARENT_RUN, ENV_URI, Job
-from sweeplab.record import TAG_HASH, TAG_OVERRIDES, TAG_PARENT, TAG_REUSED, TAG_SWEEP, TAG_SWEEP_KEY
-from sweeplab.resume import ResumePoint, latest_checkpoint
+from sweeplab.record import (
+    TAG_HASH,
+    TAG_OVERRIDES,
+    TAG_PARENT,
+    TAG_REUSED,
+    TAG_SWEEP,
+    TAG_SWEEP_KEY,
+    TAG_SWEEP_OVERRIDES,
+)
 from sweeplab.schema import SweepConfig, TrackingConfig
-from sweeplab.summary import summarize
-from sweeplab.tracking import RunLog, Tracker
+
+# Hydra instantiates the callback for every run, multirun or not: MLflow, pandas and matplotlib
+# are imported where a sweep needs them, so that a single run's config error returns at once.
+if TYPE_CHECKING:
+    from sweeplab.resume import ResumePoint
+    from sweeplab.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,8 @@ class MlflowSweepCallback(Callback):
     """Parent run at multirun start, summary and FINISHED at multirun end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from sweeplab.tracking import Tracker
+
         tracking: TrackingConfig = OmegaConf.to_object(config.tracking)
         tracker = Tracker(tracking, Path(config.hydra.runtime.cwd), os.environ)
         key = sweep_key(config)
@@ -66,7 +78,12 @@ class MlflowSweepCallback(Callback):
             overrides = " ".join(config.hydra.overrides.task)
             parent = tracker.start_run(
                 f"sweep: {overrides}" if overrides else "sweep",
-                {TAG_SWEEP: "parent", TAG_SWEEP_KEY: key, TAG_OVERRIDES: overrides},
+                {
+                    TAG_SWEEP: "parent",
+                    TAG_SWEEP_KEY: key,
+                    TAG_OVERRIDES: overrides,
+                    TAG_SWEEP_OVERRIDES: json.dumps(list(config.hydra.overrides.task)),
+                },
             )
         # every job logs to exactly this store and nests its run under this parent
         os.environ[ENV_URI] = tracker.uri
@@ -76,19 +93,44 @@ class MlflowSweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from sweeplab.summary import summarize
+        from sweeplab.tracking import RunLog, Tracker
+
         parent_id = os.environ.pop(ENV_PARENT_RUN, None)
         if parent_id is None:
             return
         tracking: TrackingConfig = OmegaConf.to_object(config.tracking)
         sweep: SweepConfig = OmegaConf.to_object(config.sweep)
         tracker = Tracker(tracking, Path(config.hydra.runtime.cwd), os.environ, parent_run_id=parent_id)
-        summarize(tracker.client, parent_id, tracker.experiment_id, swept_keys(config), sweep)
-        RunLog(tracker.client, parent_id).end("FINISHED")
+        table = summarize(tracker.client, parent_id, tracker.experiment_id, swept_keys(config), sweep)
+        killed = int((table.status == "KILLED").sum())
+        status = "KILLED" if killed else "FINISHED"  # KILLED: the same command resumes the sweep
+        reason = f"{killed} job(s) stopped before finishing: re-run the same command to resume them"
+        RunLog(tracker.client, parent_id).end(status, reason if killed else None)
+        finished = table[(table.status == "FINISHED") & table[sweep.objective].notna()]
+        best = (
+            f"best {finished.iloc[0].run_name} ({finished.iloc[0].run_id}) "
+            f"{sweep.objective} {finished.iloc[0][sweep.objective]:.4f}"
+            if len(finished)
+            else "no finished child"
+        )
+        log.info(
+            "sweep %s: parent run %s, %d of %d children finished, %s; summary in the parent's "
+            "summary/sweep.md | %s",
+            status,
+            parent_id,
+            len(finished),
+            len(table),
+            best,
+            tracker.where(parent_id),
+        )
 
 
-def previous_run(tracker: Tracker, digest: str, job: Job) -> dict[str, float] | ResumePoint | None:
+def previous_run(tracker: "Tracker", digest: str, job: Job) -> "dict[str, float] | ResumePoint | None":
     """What an earlier sweep left for this job's config hash: the metrics of a FINISHED run (the
     job is skipped), a KILLED run with a checkpoint (the job resumes it), or nothing."""
+    from sweeplab.resume import ResumePoint, latest_checkpoint
+
     done = tracker.newest_run("FINISHED", {TAG_HASH: digest})
     if done is not None:
         if done.data.tags.get(TAG_PARENT) != job.parent_run_id:  # recorded on this sweep's parent
@@ -127,7 +169,33 @@ def job_outcome(job: Job, sweep: SweepConfig) -> Iterator[None]:
         raise
 
 
+def end_dead_job(overrides: list[str], reason: str) -> None:
+    """End KILLED, with ``reason``, the run a job left RUNNING when its process died: a re-run of
+    the sweep then resumes it from its last checkpoint. Called by the launcher, which outlives
+    the job; a job that died before opening its run has nothing to end."""
+    from mlflow import MlflowClient
+
+    from sweeplab.tracking import RunLog
+
+    parent_id = os.environ.get(ENV_PARENT_RUN)
+    if not parent_id:
+        return
+    client = MlflowClient(os.environ[ENV_URI])
+    joined = " ".join(overrides).replace("'", "\\'")
+    left_running = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        f"tags.`{TAG_PARENT}` = '{parent_id}' and tags.`{TAG_OVERRIDES}` = '{joined}' "
+        "and attributes.status = 'RUNNING'",
+    )
+    for run in left_running:
+        RunLog(client, run.info.run_id).end("KILLED", reason)
+
+
 def _end_parent(job: Job, status: str, reason: str) -> None:
     """The callback's ``on_multirun_end`` does not run when a job stops the sweep."""
+    from mlflow import MlflowClient
+
+    from sweeplab.tracking import RunLog
+
     if job.parent_run_id:
         RunLog(MlflowClient(os.environ[ENV_URI]), job.parent_run_id).end(status, reason)

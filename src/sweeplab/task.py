@@ -10,7 +10,16 @@ from omegaconf import DictConfig
 
 from sweeplab.interrupt import SignalGuard
 from sweeplab.job import Job
-from sweeplab.phases import build, decide_start, evaluate_test, open_run, record_outputs, results, train
+from sweeplab.phases import (
+    build,
+    decide_start,
+    evaluate_test,
+    open_run,
+    record_outputs,
+    report,
+    results,
+    train,
+)
 from sweeplab.timing import Stopwatch
 
 
@@ -31,4 +40,6 @@ def run(cfg: DictConfig, job: Job, guard: SignalGuard | None = None) -> dict[str
         history = train(session, record, guard or SignalGuard())
         test = evaluate_test(session, record, history)
         record_outputs(session, record, history, test)  # figures, model, phase timings
-    return results(history, test)
+    metrics = results(history, test)
+    report(session, record, metrics)  # the last line: status, objective, run id, where to look
+    return metrics

@@ -10,6 +10,7 @@ in several stores, without them mixing.
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import tempfile
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import mlflow
 import torch
+from filelock import FileLock
 from mlflow.data.dataset import Dataset
 from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, Metric, Param, Run
 from mlflow.exceptions import MlflowException
@@ -30,13 +32,32 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from sweeplab.errors import ConfigError
 from sweeplab.interrupt import Interrupted
 from sweeplab.job import ENV_URI
-from sweeplab.record import TAG_FAILURE, TAG_PARENT, TAG_STOPPED
+from sweeplab.record import (
+    TAG_EXPERIMENT_KIND,
+    TAG_FAILURE,
+    TAG_PARENT,
+    TAG_STOPPED,
+    TAG_SWEEP_OVERRIDES,
+    TRAINING_EXPERIMENT,
+)
 from sweeplab.schema import TrackingConfig
 
 log = logging.getLogger(__name__)
 
 # the name of the logged model: runs:/<run id>/model
 MODEL_NAME = "model"
+
+
+class _PickleNotice(logging.Filter):
+    """Drops MLflow's advice against pickled models on every model logged: sweeplab pickles on
+    purpose (``RunLog.log_model`` says why). ``hydra.verbose=[mlflow]`` lets it through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        notice = record.getMessage().startswith("Saving pytorch model by Pickle")
+        return not notice or logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("mlflow.pytorch").addFilter(_PickleNotice())
 
 
 def tracking_uri(cfg: TrackingConfig, launch_dir: Path, environ: Mapping[str, str]) -> str:
@@ -50,6 +71,16 @@ def tracking_uri(cfg: TrackingConfig, launch_dir: Path, environ: Mapping[str, st
     if environ.get(ENV_URI):
         return environ[ENV_URI]
     return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
+
+
+def store_lock(uri: str) -> contextlib.AbstractContextManager[object]:
+    """An sqlite store is created, migrated and given its experiment by one process at a time:
+    processes that start together on a fresh file otherwise fail inside MLflow's migration, or
+    lose the race to create the experiment. A lock file beside the database serialises them; a
+    tracking server does that itself."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return FileLock(f"{uri.removeprefix('sqlite:///')}.lock")
 
 
 def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
@@ -77,20 +108,12 @@ class Tracker:
     ) -> None:
         self.cfg = cfg
         self.uri = tracking_uri(cfg, launch_dir, environ)
-        self.client = MlflowClient(self.uri)
         self.parent_run_id = parent_run_id
+        self.sweep_overrides: list[str] = []  # the command of the sweep this job belongs to
         try:
-            if parent_run_id:
-                self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
-            else:
-                experiment = self.client.get_experiment_by_name(cfg.experiment_name)
-                self.experiment_id = (
-                    experiment.experiment_id
-                    if experiment
-                    else self.client.create_experiment(
-                        cfg.experiment_name, artifact_location=artifact_location(cfg, self.uri)
-                    )
-                )
+            with store_lock(self.uri):  # a client of a new sqlite file migrates it at once
+                self.client = MlflowClient(self.uri)
+                self.experiment_id = self._experiment()
         except MlflowException as exc:
             source = "tracking.uri" if cfg.uri else ENV_URI if environ.get(ENV_URI) else "the default store"
             raise ConfigError(
@@ -98,6 +121,21 @@ class Tracker:
                 f"{str(exc).splitlines()[0]}. Start that server, fix {source}, or unset "
                 f"{ENV_URI} to log to an sqlite file in the launch directory."
             ) from exc
+
+    def _experiment(self) -> str:
+        """The parent run's experiment in a sweep, else the configured one, created if new."""
+        if self.parent_run_id:
+            parent = self.client.get_run(self.parent_run_id)
+            self.sweep_overrides = json.loads(parent.data.tags.get(TAG_SWEEP_OVERRIDES, "[]"))
+            return parent.info.experiment_id
+        experiment = self.client.get_experiment_by_name(self.cfg.experiment_name)
+        if experiment:
+            return experiment.experiment_id
+        return self.client.create_experiment(
+            self.cfg.experiment_name,
+            artifact_location=artifact_location(self.cfg, self.uri),
+            tags={TAG_EXPERIMENT_KIND: TRAINING_EXPERIMENT},
+        )
 
     def newest_run(self, status: str, tags: dict[str, str]) -> Run | None:
         """The newest run of this experiment with ``status`` and these tag values, if any."""
@@ -180,6 +218,13 @@ class Tracker:
                 artifact_uri=found[0].artifact_location, dst_path=tmp, tracking_uri=self.uri
             )
             return mlflow.pytorch.load_model(local, map_location=map_location)
+
+    def where(self, run_id: str) -> str:
+        """How to look at a run: ``mlflow ui`` on a local store, the run's page on a server."""
+        page = f"#/experiments/{self.experiment_id}/runs/{run_id}"
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/{page}"
+        return f"mlflow ui --backend-store-uri {self.uri}  (then http://127.0.0.1:5000/{page})"
 
     def __repr__(self) -> str:
         return f"Tracker({self.uri!r}, experiment {self.cfg.experiment_name!r})"
