@@ -1,5 +1,5 @@
-"""``python -m sweeplab`` runs the same Hydra app as the ``sweeplab`` command."""
+"""``python -m sweeplab``: the same as the ``sweeplab`` command."""
 
-from sweeplab.cli import main
+from sweeplab.cli import command
 
-main()
+command()

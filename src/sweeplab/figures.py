@@ -4,6 +4,8 @@ confusion matrix (the set of plots of the original setup described at the top of
 
 Plotting helpers take plain arrays so they work for any model and dataset. Figures with many
 points use fixed margins: a constrained layout draws them twice, doubling the save time.
+SciPy's filter and scikit-learn's PCA and metrics are imported where a figure is drawn, so a run
+that draws none does not pay for them; one that does imports them in ``sweeplab.warmup``.
 """
 
 import functools
@@ -11,9 +13,6 @@ import functools
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from scipy.signal import savgol_filter
-from sklearn import metrics
-from sklearn.decomposition import PCA
 from torch import nn
 
 from sweeplab.data import Data
@@ -40,6 +39,8 @@ def samples(x: np.ndarray, y: np.ndarray, classes: list[str], shape: tuple[int, 
 
 def _smooth(values: np.ndarray) -> np.ndarray | None:
     """Savitzky-Golay smoothing (window 21, order 3); None for curves too short for it."""
+    from scipy.signal import savgol_filter
+
     return savgol_filter(values, 21, 3) if len(values) >= 21 else None
 
 
@@ -68,6 +69,8 @@ def curves(history: History) -> Figure:
 
 def pca_scatter(x: np.ndarray, y: np.ndarray, classes: list[str], title: str) -> Figure:
     """2-D PCA of ``x`` coloured by class, with a legend."""
+    from sklearn.decomposition import PCA
+
     points = PCA(n_components=2, svd_solver="randomized", random_state=0).fit_transform(x)
     fig = Figure(figsize=(7.5, 6))
     fig.subplots_adjust(left=0.1, right=0.8, bottom=0.09, top=0.93)
@@ -112,6 +115,8 @@ def confusion_matrix(
     Counted by scikit-learn but drawn here: ``ConfusionMatrixDisplay`` imports pyplot, which picks
     a GUI backend and holds global figure state - neither belongs in a headless training run.
     """
+    from sklearn import metrics
+
     counts = metrics.confusion_matrix(y_true, y_pred, labels=range(len(classes)))
     fig = Figure(figsize=(7, 6.5))
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.1, top=0.94)

@@ -19,7 +19,7 @@ import torch
 from mlflow.data.dataset import Dataset
 from omegaconf import DictConfig, OmegaConf
 
-from sweeplab import checkpoint, figures
+from sweeplab import checkpoint, figures, warmup
 from sweeplab.checkpoint import Checkpointer
 from sweeplab.data import Data, load_data
 from sweeplab.device import resolve_device
@@ -147,6 +147,7 @@ def build(start: Start, watch: Stopwatch) -> Session:
         checkpointing: CheckpointConfig = OmegaConf.to_object(cfg.checkpoint)
         device = resolve_device(cfg.device)
         generator = seed_everything(cfg.seed)
+        warmup.start(tracking.log_model, tracking.figures)  # runs while the data loads
     with watch("data"):
         data = load_data(cfg.data, device)
         dataset = dataset_input(cfg.data.name, data)  # hashing what was read is part of reading it
@@ -241,6 +242,8 @@ def record_outputs(session: Session, record: Record, history: History, test: Eva
     """Figures (drawn in a child process while this one logs the model), the model, and the
     seconds every phase took."""
     tracking, watch, step = session.tracking, session.watch, history.epoch_end_steps[-1]
+    with watch("figures"):
+        warmup.wait()  # before the figure child is forked
     with contextlib.ExitStack() as stack:
         if tracking.figures:
             with watch("figures"):

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def _draw_in_child(jobs: FigureJobs, folder: Path) -> None:
     # a Ctrl-C reaches the whole process group: the parent stops the run, the child just ends
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)
-    _draw(jobs, folder)
+    with threadpool_limits(1):  # one core for PCA's BLAS: the other is the parent's, logging
+        _draw(jobs, folder)
 
 
 class Rendering:

@@ -101,6 +101,10 @@ class ForkLauncher(Launcher):
         workers = max(1, min(cores if self.n_jobs < 1 else self.n_jobs, len(job_overrides)))
         for module in self.preload:
             importlib.import_module(module)
+        from sweeplab import warmup
+
+        warmup.start(log_model=True, figures=True)  # once here rather than once per job
+        warmup.wait()
         log.info("Launching %d jobs in %d forked workers", len(job_overrides), workers)
         for idx, overrides in enumerate(job_overrides):
             log.info("\t#%d : %s", initial_job_idx + idx, " ".join(filter_overrides(overrides)))

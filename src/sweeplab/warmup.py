@@ -1,0 +1,42 @@
+"""Work a run will need at its end, done in a background thread while its data loads.
+
+Reading and converting the data is mostly file reads and tensor work that leave the interpreter
+free, so a second thread can meanwhile:
+
+- let MLflow map every installed distribution: logging a model checks its requirements against
+  them, a walk made once per process (~0.5 s here, seconds with a CUDA build of torch);
+- import what the figures are drawn with (SciPy's filter, scikit-learn's PCA and metrics,
+  ~0.8 s), before the figure child is forked, so that it starts drawing at once.
+
+``wait`` joins the thread; it must have ended before the process forks.
+"""
+
+import importlib
+import threading
+
+FIGURE_MODULES = ("scipy.signal", "sklearn.decomposition", "sklearn.metrics")
+
+_thread: threading.Thread | None = None
+
+
+def start(log_model: bool, figures: bool) -> None:
+    """Start the thread, once per process, for the parts the run will use."""
+    global _thread
+    if _thread is None:
+        _thread = threading.Thread(target=_prepare, args=(log_model, figures), name="warmup", daemon=True)
+        _thread.start()
+
+
+def wait() -> None:
+    if _thread is not None:
+        _thread.join()
+
+
+def _prepare(log_model: bool, figures: bool) -> None:
+    if log_model:
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_modules_to_packages_map()  # cached by MLflow for the process
+    if figures:
+        for module in FIGURE_MODULES:
+            importlib.import_module(module)
