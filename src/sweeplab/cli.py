@@ -18,6 +18,7 @@ from sweeplab.environment import apply_defaults
 from sweeplab.errors import ConfigError
 from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.job import ENV_PARENT_RUN, Job
+from sweeplab.sweep import job_outcome  # light: it imports MLflow only where a sweep needs it
 from sweeplab.train import DivergedError
 from sweeplab.validation import validate
 
@@ -51,12 +52,10 @@ def main(cfg: DictConfig) -> float:
     job = current_job()
     results: dict[str, float] = {}
     try:
-        if not job.multirun:  # a sweep job's errors go through sweep.on_error, inside run
-            validate(cfg)  # every config error before the heavy imports below
-        from sweeplab.sweep import job_outcome
-        from sweeplab.task import run
-
         with SignalGuard().installed() as guard, job_outcome(job, OmegaConf.to_object(cfg.sweep)):
+            validate(cfg)  # every config error before the heavy imports of the task
+            from sweeplab.task import run
+
             results = run(cfg, job, guard)
     except Interrupted as stop:  # the run is KILLED and checkpointed
         log.error("%s", stop)

@@ -242,11 +242,10 @@ def record_outputs(session: Session, record: Record, history: History, test: Eva
     """Figures (drawn in a child process while this one logs the model), the model, and the
     seconds every phase took."""
     tracking, watch, step = session.tracking, session.watch, history.epoch_end_steps[-1]
-    with watch("figures"):
-        warmup.wait()  # before the figure child is forked
     with contextlib.ExitStack() as stack:
         if tracking.figures:
             with watch("figures"):
+                warmup.wait()  # its libraries imported, and no thread running when the child forks
                 jobs = figures.run_jobs(
                     session.training.model,
                     session.data,
@@ -258,6 +257,7 @@ def record_outputs(session: Session, record: Record, history: History, test: Eva
                 drawing = stack.enter_context(rendering(jobs))
         if tracking.log_model:
             with watch("model_logging"):
+                warmup.wait()  # MLflow's map of installed distributions is ready
                 record.log.log_model(session.training.model, session.data.test.x[:5], step)
         if tracking.figures:
             with watch("figures"):

@@ -109,11 +109,11 @@ class Tracker:
         self.cfg = cfg
         self.uri = tracking_uri(cfg, launch_dir, environ)
         self.parent_run_id = parent_run_id
-        self.sweep_overrides: list[str] = []  # the command of the sweep this job belongs to
         try:
             with store_lock(self.uri):  # a client of a new sqlite file migrates it at once
                 self.client = MlflowClient(self.uri)
-                self.experiment_id = self._experiment()
+                self.parent = self.client.get_run(parent_run_id) if parent_run_id else None
+                self.experiment_id = self.parent.info.experiment_id if self.parent else self._experiment()
         except MlflowException as exc:
             source = "tracking.uri" if cfg.uri else ENV_URI if environ.get(ENV_URI) else "the default store"
             raise ConfigError(
@@ -122,12 +122,13 @@ class Tracker:
                 f"{ENV_URI} to log to an sqlite file in the launch directory."
             ) from exc
 
+    @property
+    def sweep_overrides(self) -> list[str]:
+        """The command of the sweep this job belongs to; none outside a sweep."""
+        return json.loads(self.parent.data.tags.get(TAG_SWEEP_OVERRIDES, "[]")) if self.parent else []
+
     def _experiment(self) -> str:
-        """The parent run's experiment in a sweep, else the configured one, created if new."""
-        if self.parent_run_id:
-            parent = self.client.get_run(self.parent_run_id)
-            self.sweep_overrides = json.loads(parent.data.tags.get(TAG_SWEEP_OVERRIDES, "[]"))
-            return parent.info.experiment_id
+        """The configured experiment, created if new."""
         experiment = self.client.get_experiment_by_name(self.cfg.experiment_name)
         if experiment:
             return experiment.experiment_id
