@@ -52,7 +52,8 @@ class LogisticRegression(nn.Module):
 @MODELS.register("mlp")
 class MLP(nn.Sequential):
     """Fully connected network: ``hidden{i}`` = Linear -> [norm] -> activation -> Dropout, then
-    ``output``. ``norm`` is none, layernorm or batchnorm (over each hidden layer's units)."""
+    ``output``. ``norm`` is none, layernorm or batchnorm (over each hidden layer's units); with
+    batchnorm only the last hidden layer drops out."""
 
     def __init__(
         self,
@@ -81,8 +82,13 @@ class MLP(nn.Sequential):
         width_in = in_features
         for i, width in enumerate(hidden_dims, start=1):
             normalization = [NORMS[norm](width)] if NORMS[norm] else []
+            # Dropout feeding a BatchNorm shifts the variance its running statistics see between
+            # training and evaluation (Li et al., CVPR 2019): with batchnorm, drop after the last
+            # normalized layer only.
+            last = i == len(hidden_dims)
+            rate = dropout if norm != "batchnorm" or last else 0.0
             layers[f"hidden{i}"] = nn.Sequential(
-                nn.Linear(width_in, width), *normalization, ACTIVATIONS[activation](), nn.Dropout(dropout)
+                nn.Linear(width_in, width), *normalization, ACTIVATIONS[activation](), nn.Dropout(rate)
             )
             width_in = width
         layers["output"] = nn.Linear(width_in, n_classes)
