@@ -282,6 +282,36 @@ def test_a_fork_sweep_survives_a_killed_worker_and_a_rerun_resumes_its_job(
     assert client.get_run(children["0"].info.run_id).info.status == "FINISHED"
 
 
+def test_a_joblib_sweep_whose_worker_is_killed_leaves_nothing_running_and_resumes(
+    tmp_path: Path, store: str
+) -> None:
+    """joblib gives up on the whole batch when a worker dies: the launching process still ends
+    the parent and the jobs left running KILLED, and the same command resumes the sweep."""
+    sweep = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1,2", *SLOW]
+    process, seen = _start(sweep, tmp_path, until="epoch 1/4")
+    workers = subprocess.run(
+        ["pgrep", "-P", str(process.pid), "-f", "LokyProcess"], capture_output=True, text=True
+    ).stdout.split()
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    rest, _ = process.communicate(timeout=300)
+    assert process.returncode == 1 and "SIGKILL" in rest, seen + rest
+    assert re.search(r"sweep KILLED: .* ended KILLED \(seed=\d", rest)
+    runs = _runs(store)
+    assert "RUNNING" not in {r.info.status for r in runs}
+    (parent,) = [r for r in runs if r.data.tags.get("sweeplab.sweep") == "parent"]
+    killed = [r.info.run_id for r in runs if r.info.status == "KILLED" and r is not parent]
+    assert parent.info.status == "KILLED" and killed
+
+    rerun = run_cli(sweep, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming run" in rerun.stdout
+    client = mlflow.MlflowClient(store)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    children = [r for r in _runs(store) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.data.params["seed"] for c in children if c.info.status == "FINISHED") == ["0", "1", "2"]
+
+
 def test_checkpointer_keeps_newest_and_best_and_writes_atomically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

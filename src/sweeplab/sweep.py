@@ -7,6 +7,7 @@ Each job, wherever it runs, asks ``previous_run`` whether its config already FIN
 or was interrupted (resume it), and ``job_outcome`` applies ``sweep.on_error`` to its failures.
 """
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -88,6 +89,7 @@ class MlflowSweepCallback(Callback):
         # every job logs to exactly this store and nests its run under this parent
         os.environ[ENV_URI] = tracker.uri
         os.environ[ENV_PARENT_RUN] = parent.run_id
+        atexit.register(_end_abandoned_sweep, parent.run_id)
         log.info(
             "MLflow parent run %s in experiment %r (%s)", parent.run_id, tracking.experiment_name, tracker.uri
         )
@@ -199,3 +201,34 @@ def _end_parent(job: Job, status: str, reason: str) -> None:
 
     if job.parent_run_id:
         RunLog(MlflowClient(os.environ[ENV_URI]), job.parent_run_id).end(status, reason)
+
+
+def _end_abandoned_sweep(parent_id: str) -> None:
+    """At exit of the launching process: a sweep that never reached ``on_multirun_end`` (a
+    launcher that raised, e.g. joblib when a worker process was killed) leaves no run RUNNING.
+    Its parent and the children it left running end KILLED, so the same command resumes them."""
+    if os.environ.get(ENV_PARENT_RUN) != parent_id:  # on_multirun_end ran
+        return
+    from mlflow import MlflowClient
+
+    from sweeplab.tracking import RunLog
+
+    client = MlflowClient(os.environ[ENV_URI])
+    parent = client.get_run(parent_id)
+    if parent.info.status != "RUNNING":  # a job already ended it (sweep.on_error=raise, Ctrl-C)
+        return
+    left_running = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{TAG_PARENT}` = '{parent_id}' and attributes.status = 'RUNNING'",
+    )
+    reason = "the sweep stopped before this job ended: re-run the same command to resume it"
+    for run in left_running:
+        RunLog(client, run.info.run_id).end("KILLED", reason)
+    RunLog(client, parent_id).end("KILLED", f"the sweep stopped early; {len(left_running)} job(s) left unfinished")
+    log.error(
+        "sweep KILLED: it stopped before its end; parent run %s and %d running job(s) ended KILLED "
+        "(%s): re-run the same command to resume them",
+        parent_id,
+        len(left_running),
+        ", ".join(run.info.run_name for run in left_running) or "none",
+    )
