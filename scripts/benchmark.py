@@ -3,7 +3,8 @@
 1. Trains logreg and the MLP with the notebook's pipeline (``ToTensor`` + ``DataLoader(batch_size=64,
    shuffle=True)``, written out below as the baseline) and with sweeplab's own data, model,
    optimizer and training code (imported from the package), for the same epochs and seed, and
-   prints seconds per epoch, test accuracy and the speed-up.
+   prints seconds per epoch, test accuracy and the speed-up; on a CUDA device also sweeplab's
+   eager steps against its CUDA-graph replays (``trainer.cuda_graph``).
 2. Runs ``sweeplab experiment=seed_mlp`` end to end in a subprocess against a throwaway sqlite
    store and prints where its time went (checkpointing included) and its peak RSS.
 3. Runs an 8-job sweep of ``seed_logreg``-sized runs with 1 and 2 joblib workers and with 2
@@ -99,7 +100,9 @@ def notebook(model_name: str, root: str, epochs: int, seed: int) -> tuple[float,
 
 
 # ---- sweeplab's own code ---------------------------------------------------------------------
-def sweeplab(preset: str, root: str, epochs: int, seed: int, device: str) -> tuple[float, float]:
+def sweeplab(
+    preset: str, root: str, epochs: int, seed: int, device: str, cuda_graph: str = "false"
+) -> tuple[float, float]:
     """Seconds per epoch and test accuracy of sweeplab's loop on the same data (no val split)."""
     overrides = [
         f"experiment={preset}",
@@ -107,6 +110,7 @@ def sweeplab(preset: str, root: str, epochs: int, seed: int, device: str) -> tup
         "data.val_size=0",
         f"trainer.epochs={epochs}",
         f"seed={seed}",
+        f"trainer.cuda_graph={cuda_graph}",
     ]
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -139,6 +143,20 @@ def compare(root: str, epochs: int, seed: int, device: str) -> None:
         print(
             f"{model_name:8} {base_s:17.3f} {ours_s:17.3f} {base_s / ours_s:8.1f}x "
             f"{base_acc:13.4f} {ours_acc:13.4f}"
+        )
+    if torch.device(device).type != "cuda":
+        return
+    print(f"\n== sweeplab eager vs CUDA graph steps on {torch.cuda.get_device_name(device)}")
+    print(
+        f"{'model':8} {'eager s/epoch':>14} {'graph s/epoch':>14} {'speed-up':>9} "
+        f"{'eager acc':>10} {'graph acc':>10}"
+    )
+    for model_name, preset in [("logreg", "seed_logreg"), ("mlp", "seed_mlp")]:
+        eager_s, eager_acc = sweeplab(preset, root, epochs, seed, device, "false")
+        graph_s, graph_acc = sweeplab(preset, root, epochs, seed, device, "true")
+        print(
+            f"{model_name:8} {eager_s:14.3f} {graph_s:14.3f} {eager_s / graph_s:8.1f}x "
+            f"{eager_acc:10.4f} {graph_acc:10.4f}"
         )
 
 

@@ -164,6 +164,8 @@ BAD_INPUTS = [
     (["trainer.batch_size=0"], "trainer.batch_size=0 is invalid", ">= 1"),
     (["data.val_size=70000"], "data.val_size=70000 is invalid", "[0, 449]"),
     (["device=tpu"], "device='tpu' is invalid", "auto, cpu, cuda, cuda:N or mps"),
+    (["trainer.cuda_graph=maybe"], "trainer.cuda_graph='maybe' is invalid", "auto, true, false"),
+    (["trainer.cuda_graph=true"], "trainer.cuda_graph=true needs a CUDA device, not cpu", "auto or false"),
 ]
 
 

@@ -13,6 +13,9 @@ from omegaconf import MISSING
 
 from sweeplab.errors import require
 
+# trainer.cuda_graph: auto = on for CUDA devices (see sweeplab.step)
+CUDA_GRAPH = ("auto", "true", "false")
+
 
 @dataclasses.dataclass
 class TrainerConfig:
@@ -23,8 +26,17 @@ class TrainerConfig:
     eval_batch_size: int = 8192
     log_every_n_steps: int = 50
     drop_last: bool = False
+    cuda_graph: str = "auto"
 
     def __post_init__(self) -> None:
+        # YAML and the command line give true/false as booleans, which the str field reads "True"
+        self.cuda_graph = self.cuda_graph.lower()
+        require(
+            self.cuda_graph in CUDA_GRAPH,
+            "trainer.cuda_graph",
+            self.cuda_graph,
+            f"one of {', '.join(CUDA_GRAPH)}",
+        )
         require(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
         require(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
         require(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, "an integer >= 1")

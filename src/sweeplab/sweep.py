@@ -224,7 +224,9 @@ def _end_abandoned_sweep(parent_id: str) -> None:
     reason = "the sweep stopped before this job ended: re-run the same command to resume it"
     for run in left_running:
         RunLog(client, run.info.run_id).end("KILLED", reason)
-    RunLog(client, parent_id).end("KILLED", f"the sweep stopped early; {len(left_running)} job(s) left unfinished")
+    RunLog(client, parent_id).end(
+        "KILLED", f"the sweep stopped early; {len(left_running)} job(s) left unfinished"
+    )
     log.error(
         "sweep KILLED: it stopped before its end; parent run %s and %d running job(s) ended KILLED "
         "(%s): re-run the same command to resume them",

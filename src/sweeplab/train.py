@@ -21,6 +21,7 @@ from sweeplab.data import Data, Split
 from sweeplab.interrupt import SignalGuard
 from sweeplab.schema import TrainerConfig
 from sweeplab.state import History, MetricRows, TrainingState
+from sweeplab.step import make_step
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,15 @@ def fit(
     stop: SignalGuard,
 ) -> History:
     """Train from ``state.progress`` to ``cfg.epochs`` epochs; log step and epoch metrics through
-    ``log_rows`` once per epoch, after ``state`` has been brought to the epoch's end.
+    ``log_rows`` once per epoch, after ``state`` has been brought to the epoch's end. Each step
+    is eager or a CUDA graph's replay, as ``cfg.cuda_graph`` says (``sweeplab.step``).
 
     Between steps ``stop.raise_if_requested()`` ends training with ``state`` current. A
     progress bar is drawn only on a terminal; every epoch also ends with one log line.
     """
-    model, optimizer, scheduler, progress = state.model, state.optimizer, state.scheduler, state.progress
+    model, scheduler, progress = state.model, state.scheduler, state.progress
     train = data.train
+    train_step = make_step(cfg.cuda_graph, model, state.optimizer, scheduler, train, cfg.batch_size)
     n, batch = len(train), cfg.batch_size
     per_epoch = steps_per_epoch(n, cfg)
     device = train.x.device
@@ -95,18 +98,11 @@ def fit(
             order, lrs = progress.order, progress.lrs
             first = step - (epoch - 1) * per_epoch  # > 0 when resuming part-way through an epoch
             for i in range(first, per_epoch):
-                idx = order[i * batch : (i + 1) * batch]
-                x, y = train.x.index_select(0, idx), train.y.index_select(0, idx)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step_loss[step] = loss.detach()
-                step_acc[step] = (logits.argmax(1) == y).float().mean()
+                loss, step_acc[step] = train_step(order[i * batch : (i + 1) * batch])
+                step_loss[step] = loss
                 step += 1
                 if step % window == 0:
-                    lrs[step] = scheduler.get_last_lr()[0]
+                    lrs[step] = float(scheduler.get_last_lr()[0])  # a device tensor under a graph
                     if not torch.isfinite(loss):  # one sync per window: stop a diverged run early
                         raise DivergedError(
                             f"train/loss became non-finite at step {step} (epoch {epoch}): lower optimizer.lr"

@@ -31,7 +31,9 @@ def validate(cfg: DictConfig) -> None:
     """Raise the ``ConfigError`` that training this config would raise, without training it."""
     for section in SECTIONS:
         OmegaConf.to_object(cfg[section])
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    if OmegaConf.to_object(cfg.trainer).cuda_graph == "true" and device.type != "cuda":
+        raise ConfigError(f"trainer.cuda_graph=true needs a CUDA device, not {device}: use auto or false")
     _config_errors_only(MODELS.build, cfg.model, 1, 2)
     _config_errors_only(SCHEDULERS.build, cfg.scheduler, None, cfg.trainer.epochs, 1)
     OPTIMIZERS.build(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
