@@ -40,7 +40,7 @@ from sweeplab.record import (
     run_params,
     run_tags,
 )
-from sweeplab.render import rendering
+from sweeplab.render import Rendering, rendering
 from sweeplab.resume import ResumePoint, locate, own_overrides, resumed_config
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import CheckpointConfig, SweepConfig, TrackingConfig, TrainerConfig
@@ -137,9 +137,10 @@ def decide_start(cfg: DictConfig, job: Job, watch: Stopwatch) -> Start:
         return Start(cfg, tracker, reused=previous)
 
 
-def build(start: Start, watch: Stopwatch) -> Session:
-    """Validate the settings, load the data, build model, optimizer and schedule, and restore
-    them from the checkpoint when resuming."""
+def build(start: Start, watch: Stopwatch, loaded: "tuple[Data, Dataset] | None" = None) -> Session:
+    """Validate the settings, load the data (or take ``loaded``, read once for a stack of runs
+    on the same data), build model, optimizer and schedule, and restore them from the
+    checkpoint when resuming."""
     cfg = start.cfg
     with watch("setup"):
         trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)
@@ -148,9 +149,12 @@ def build(start: Start, watch: Stopwatch) -> Session:
         device = resolve_device(cfg.device)
         generator = seed_everything(cfg.seed)
         warmup.start(tracking.log_model, tracking.figures)  # runs while the data loads
-    with watch("data"):
-        data = load_data(cfg.data, device)
-        dataset = dataset_input(cfg.data.name, data)  # hashing what was read is part of reading it
+    if loaded is None:
+        with watch("data"):
+            data = load_data(cfg.data, device)
+            dataset = dataset_input(cfg.data.name, data)  # hashing what was read is part of reading it
+    else:
+        data, dataset = loaded
     with watch("setup"):
         model = MODELS.build(cfg.model, data.in_features, len(data.classes)).to(device)
         optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
@@ -241,28 +245,49 @@ def evaluate_test(session: Session, record: Record, history: History) -> Evaluat
 def record_outputs(session: Session, record: Record, history: History, test: Evaluation) -> None:
     """Figures (drawn in a child process while this one logs the model), the model, and the
     seconds every phase took."""
-    tracking, watch, step = session.tracking, session.watch, history.epoch_end_steps[-1]
+    record_many([(session, record, history, test)])
+
+
+Outcome = tuple[Session, Record, History, Evaluation]
+
+
+def record_many(outcomes: list[Outcome]) -> None:
+    """``record_outputs`` for several runs at once: every run's figures are drawn in child
+    processes of their own while this process logs the models one after another."""
     with contextlib.ExitStack() as stack:
-        if tracking.figures:
-            with watch("figures"):
-                warmup.wait()  # its libraries imported, and no thread running when the child forks
-                jobs = figures.run_jobs(
-                    session.training.model,
-                    session.data,
-                    history,
-                    test.predictions,
-                    tracking.pca_samples,
-                    session.cfg.seed,
-                )
-                drawing = stack.enter_context(rendering(jobs))
-        if tracking.log_model:
-            with watch("model_logging"):
-                warmup.wait()  # MLflow's map of installed distributions is ready
-                record.log.log_model(session.training.model, session.data.test.x[:5], step)
-        if tracking.figures:
-            with watch("figures"):
-                record.log.log_folder(drawing.wait(), "figures")
-    record.log.log_metrics(watch.metrics(), step=step)
+        drawings = [stack.enter_context(_start_figures(*outcome)) for outcome in outcomes]
+        for session, record, history, _ in outcomes:
+            if session.tracking.log_model:
+                with session.watch("model_logging"):
+                    warmup.wait()  # MLflow's map of installed distributions is ready
+                    step = history.epoch_end_steps[-1]
+                    record.log.log_model(session.training.model, session.data.test.x[:5], step)
+        for (session, record, history, _), drawing in zip(outcomes, drawings, strict=True):
+            if drawing is not None:
+                with session.watch("figures"):
+                    record.log.log_folder(drawing.wait(), "figures")
+            record.log.log_metrics(session.watch.metrics(), step=history.epoch_end_steps[-1])
+
+
+@contextlib.contextmanager
+def _start_figures(
+    session: Session, record: Record, history: History, test: Evaluation
+) -> Iterator[Rendering | None]:
+    if not session.tracking.figures:
+        yield None
+        return
+    with session.watch("figures"):
+        warmup.wait()  # its libraries imported, and no thread running when the child forks
+        jobs = figures.run_jobs(
+            session.training.model,
+            session.data,
+            history,
+            test.predictions,
+            session.tracking.pca_samples,
+            session.cfg.seed,
+        )
+    with rendering(jobs) as drawing:
+        yield drawing
 
 
 def results(history: History, test: Evaluation) -> dict[str, float]:

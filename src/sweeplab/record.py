@@ -38,6 +38,8 @@ TAG_SWEEP = "sweeplab.sweep"  # "parent" on a sweep's parent run
 TAG_SWEEP_KEY = "sweeplab.sweep_key"  # digest of the sweep command, to find it again
 TAG_SWEEP_OVERRIDES = "sweeplab.sweep_overrides"  # the sweep command's overrides, as JSON
 TAG_REUSED = "sweeplab.reused."  # + config hash: the FINISHED run a job reused instead of training
+TAG_STACK = "sweeplab.stack"  # a stacked sweep's member: the stack it trained in
+TAG_STACK_SIZE = "sweeplab.stack_size"  # how many members trained in that stack
 TAG_BEST_RUN_ID = "sweeplab.best_run_id"
 TAG_BEST_RUN_NAME = "sweeplab.best_run_name"
 # sweeplab-eval

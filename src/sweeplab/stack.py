@@ -1,0 +1,222 @@
+"""K same-shaped models trained as one program: stacked weights, one batched step.
+
+Each member is an ordinary model built by the registry (its own seed, so its own initial weights);
+``StackedModel`` stacks their parameters along a new leading dimension and runs the registered
+module's own ``forward`` on every member at once (``torch.func.functional_call`` under
+``torch.vmap``, dropout drawing different masks per member). ``StackedSGD`` and ``StackedAdam``
+step the stacked parameters with per-member hyperparameters read from each member's own optimizer,
+by the update rules of ``torch.optim.SGD``, ``Adam`` and ``AdamW``.
+
+``write_back`` copies member ``k``'s slice into its own model and optimizer, which are then what
+they would be after the same steps alone: evaluation, checkpoints, figures and model logging use
+them as for any run, and a member's checkpoint resumes as a solo run.
+"""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state
+from torch.optim import SGD, Adam, AdamW, Optimizer
+
+
+class StackedModel:
+    """The members' parameters and buffers as stacked tensors, and their forward, batched.
+
+    A model with a ``stacked_forward(stacked, x)`` method (the registered ones) runs it: batched
+    matrix products over the stacked weights (``layers`` knows Linear, LayerNorm, Dropout with each
+    member's rate, the activations, Sequential). Any other model runs its own ``forward`` per
+    member under ``torch.vmap`` (generic, slower on CPU).
+    """
+
+    def __init__(self, members: list[nn.Module], in_features: int) -> None:
+        self.members = members
+        self.params, self.buffers = stack_module_state(members)
+        self.base = copy.deepcopy(members[0]).to("meta")  # the module whose forward every member runs
+        self.training = True
+        self._rates: dict[str, torch.Tensor] = {}
+        device = next(iter(self.params.values())).device
+        sample = torch.zeros(len(members), 2, in_features, device=device)
+        self(sample)  # raises NotStackable now rather than at the first batch
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: one batch per member, ``(K, batch, features)``; logits ``(K, batch, classes)``."""
+        own = getattr(self.base, "stacked_forward", None)
+        if own is not None:
+            return own(self, x)
+        self.base.train(self.training)
+        return torch.vmap(self._forward_one, randomness="different")(self.params, self.buffers, x)
+
+    def _forward_one(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def param(self, name: str) -> torch.Tensor:
+        return self.params[name]
+
+    def sequence(self, module: nn.Module, h: torch.Tensor, prefix: str = "") -> torch.Tensor:
+        """``module``'s children, one after another, applied to stacked activations."""
+        for name, child in module.named_children():
+            h = self.layers(child, f"{prefix}{name}.", h)
+        return h
+
+    def layers(self, module: nn.Module, prefix: str, h: torch.Tensor) -> torch.Tensor:
+        """``module`` (found at ``prefix`` in every member) applied to stacked activations."""
+        kind = type(module)
+        if kind is nn.Sequential:
+            return self.sequence(module, h, prefix)
+        if kind is nn.Linear:
+            bias = self.params[f"{prefix}bias"].unsqueeze(1)
+            return torch.baddbmm(bias, h, self.params[f"{prefix}weight"].transpose(1, 2))
+        if kind is nn.LayerNorm:
+            h = F.layer_norm(h, module.normalized_shape, eps=module.eps)
+            return h * self.params[f"{prefix}weight"].unsqueeze(1) + self.params[f"{prefix}bias"].unsqueeze(1)
+        if kind is nn.Dropout:
+            rates = self._dropout_rates(prefix)
+            if not self.training or not rates.any():
+                return h
+            keep = 1 - rates.view(-1, 1, 1)
+            return h * (torch.rand_like(h) < keep) / keep
+        if kind in ELEMENTWISE:
+            return module(h)
+        raise NotStackable(f"{kind.__name__} ({prefix.rstrip('.')}) has no stacked form")
+
+    def _dropout_rates(self, prefix: str) -> torch.Tensor:
+        """Each member's own dropout rate at this layer (``model.dropout`` is stackable)."""
+        if prefix not in self._rates:
+            rates = [float(member.get_submodule(prefix.rstrip(".")).p) for member in self.members]
+            self._rates[prefix] = torch.tensor(rates, device=next(iter(self.params.values())).device)
+        return self._rates[prefix]
+
+    def train(self, mode: bool = True) -> None:
+        self.training = mode
+
+    @torch.no_grad()
+    def write_back(self, k: int) -> None:
+        """Member ``k``'s weights into its own model."""
+        member = self.members[k]
+        for name, tensor in [*member.named_parameters(), *member.named_buffers()]:
+            stacked = self.params.get(name, self.buffers.get(name))
+            tensor.copy_(stacked[k])
+
+
+ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+
+def _view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-member values ``(K,)`` shaped to broadcast over a stacked tensor ``(K, ...)``."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+class StackedOptimizer:
+    """Steps stacked parameters; each member's hyperparameters come from its own optimizer."""
+
+    def __init__(self, params: list[torch.Tensor], members: list[Optimizer]) -> None:
+        self.params, self.members = params, members
+        self.device = params[0].device
+
+    def hyper(self, key: str, index: int | None = None) -> torch.Tensor:
+        """``key`` of every member's (single) param group, as a float tensor ``(K,)``."""
+        values = [group[key] if index is None else group[key][index] for group in self._groups()]
+        return torch.tensor([float(v) for v in values], device=self.device)
+
+    def _groups(self) -> list[dict]:
+        return [optimizer.param_groups[0] for optimizer in self.members]
+
+    def lrs(self) -> torch.Tensor:
+        """The learning rate each member's schedule has set for this step."""
+        return self.hyper("lr")
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+class StackedSGD(StackedOptimizer):
+    """``torch.optim.SGD``: weight decay into the gradient, momentum (the first step's buffer is
+    the gradient), Nesterov per member, no dampening."""
+
+    def __init__(self, params: list[torch.Tensor], members: list[Optimizer]) -> None:
+        super().__init__(params, members)
+        self.momentum, self.weight_decay = self.hyper("momentum"), self.hyper("weight_decay")
+        self.nesterov = self.hyper("nesterov").bool()
+        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor) -> None:
+        decay, nesterov = bool(self.weight_decay.any()), self.nesterov.any()
+        for i, p in enumerate(self.params):
+            grad = p.grad.add_(_view(self.weight_decay, p) * p) if decay else p.grad
+            momentum = _view(self.momentum, p)
+            buf = self.buffers[i]
+            buf = grad.clone() if buf is None else buf.mul_(momentum).add_(grad)
+            self.buffers[i] = buf
+            update = buf
+            if nesterov:  # only the members with nesterov=true look ahead
+                update = torch.where(_view(self.nesterov, p), grad + momentum * buf, buf)
+            p.sub_(_view(lrs, p) * update)
+
+    def write_back(self, k: int) -> None:
+        optimizer = self.members[k]
+        if optimizer.param_groups[0]["momentum"] == 0:
+            return
+        for param, buf in zip(optimizer.param_groups[0]["params"], self.buffers, strict=True):
+            if buf is not None:
+                optimizer.state[param]["momentum_buffer"] = buf[k].clone()
+
+
+class StackedAdam(StackedOptimizer):
+    """``torch.optim.Adam`` (L2 weight decay into the gradient) or, with ``decoupled``,
+    ``AdamW`` (weights shrunk by lr x weight decay before the update)."""
+
+    def __init__(self, params: list[torch.Tensor], members: list[Optimizer], decoupled: bool) -> None:
+        super().__init__(params, members)
+        self.decoupled = decoupled
+        self.beta1, self.beta2 = self.hyper("betas", 0), self.hyper("betas", 1)
+        self.eps, self.weight_decay = self.hyper("eps"), self.hyper("weight_decay")
+        self.steps = 0
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor) -> None:
+        self.steps += 1
+        bias1 = 1 - self.beta1**self.steps
+        bias2 = 1 - self.beta2**self.steps
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            grad, lr, decay = p.grad, _view(lrs, p), _view(self.weight_decay, p)
+            if self.decoupled:
+                p.mul_(1 - lr * decay)
+            else:
+                grad = grad + decay * p
+            b1, b2 = _view(self.beta1, p), _view(self.beta2, p)
+            m.mul_(b1).add_((1 - b1) * grad)
+            v.mul_(b2).add_((1 - b2) * grad * grad)
+            denom = v.sqrt() / _view(bias2.sqrt(), p) + _view(self.eps, p)
+            p.sub_(lr / _view(bias1, p) * m / denom)
+
+    def write_back(self, k: int) -> None:
+        optimizer = self.members[k]
+        params = optimizer.param_groups[0]["params"]
+        for param, m, v in zip(params, self.exp_avg, self.exp_avg_sq, strict=True):
+            optimizer.state[param] = {
+                "step": torch.tensor(float(self.steps)),
+                "exp_avg": m[k].clone(),
+                "exp_avg_sq": v[k].clone(),
+            }
+
+
+def stack_optimizers(params: list[torch.Tensor], members: list[Optimizer]) -> StackedOptimizer:
+    """The stacked form of the members' optimizer (all of one type: the group's shape says so)."""
+    kind = type(members[0])
+    if any(len(optimizer.param_groups) != 1 for optimizer in members):
+        raise NotStackable("the optimizer has more than one parameter group")
+    if kind is SGD:
+        return StackedSGD(params, members)
+    if kind in (Adam, AdamW):
+        return StackedAdam(params, members, decoupled=kind is AdamW)
+    raise NotStackable(f"{kind.__name__} has no stacked form (SGD, Adam and AdamW have)")
+
+
+class NotStackable(Exception):
+    """The group's models or optimizer cannot be trained stacked; its members train one by one."""

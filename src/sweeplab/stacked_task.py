@@ -1,0 +1,145 @@
+"""A stack of runs: the jobs of one shape trained as one program, each recorded as its own run.
+
+The phases are those of ``sweeplab.task``, called per member: every member decides its own start
+(a FINISHED config is reused, a KILLED one resumes alone from its checkpoint), builds its own
+model, optimizer and schedule on data read once, and opens its own MLflow run. Only training is
+shared (``sweeplab.stacked_train``). Each member's run ends by itself: FAILED when its loss
+diverges while the others train on, KILLED with a checkpoint on SIGINT/SIGTERM, FINISHED with
+the record a solo run makes, plus tags naming its stack and the stack's size.
+"""
+
+import contextlib
+import functools
+import logging
+import math
+
+from omegaconf import DictConfig, OmegaConf
+
+from sweeplab.interrupt import Interrupted, SignalGuard
+from sweeplab.job import Job
+from sweeplab.phases import (
+    Record,
+    Start,
+    build,
+    decide_start,
+    evaluate_test,
+    open_run,
+    record_many,
+    report,
+    results,
+)
+from sweeplab.record import TAG_STACK, TAG_STACK_SIZE
+from sweeplab.stack import NotStackable
+from sweeplab.stacked_train import Member, fit_stack
+from sweeplab.sweep import job_outcome
+from sweeplab.task import run
+from sweeplab.timing import Stopwatch
+
+log = logging.getLogger(__name__)
+
+
+def run_stack(members: list[tuple[DictConfig, Job]], stack: str, guard: SignalGuard) -> list[float]:
+    """Every member's ``sweep.objective`` (NaN for a failed one, as for a solo sweep job). A
+    member's failure follows its ``sweep.on_error``; an interrupt ends every member and raises."""
+    objectives = [math.nan] * len(members)
+    fresh: list[tuple[int, Start, Stopwatch]] = []
+    alone: list[int] = []
+    for i, (cfg, job) in enumerate(members):
+        with _outcome(job, cfg):
+            watch = Stopwatch()
+            start = decide_start(cfg, job, watch)
+            if start.reused is not None:
+                objectives[i] = _objective(cfg, start.reused)
+            elif start.resume is not None:
+                alone.append(i)  # continues from its own checkpoint, as a solo run would
+            else:
+                fresh.append((i, start, watch))
+    if len(fresh) > 1:
+        try:
+            for i, value in _train_together(members, fresh, stack, guard).items():
+                objectives[i] = value
+        except NotStackable as reason:
+            log.info("stack %s: %s; its %d members train one after another", stack, reason, len(fresh))
+            alone += [i for i, _, _ in fresh]
+    else:
+        alone += [i for i, _, _ in fresh]
+    for i in sorted(alone):
+        cfg, job = members[i]
+        with _outcome(job, cfg):
+            objectives[i] = _objective(cfg, run(cfg, job, guard))
+    return objectives
+
+
+def _train_together(
+    members: list[tuple[DictConfig, Job]],
+    fresh: list[tuple[int, Start, Stopwatch]],
+    stack: str,
+    guard: SignalGuard,
+) -> dict[int, float]:
+    first = build(fresh[0][1], fresh[0][2])
+    loaded = (first.data, first.dataset)
+    sessions = [first] + [build(start, watch, loaded) for _, start, watch in fresh[1:]]
+    runs = [contextlib.ExitStack() for _ in fresh]
+    records: list[Record] = []
+    try:
+        for (i, start, _), session, held in zip(fresh, sessions, runs, strict=True):
+            record = held.enter_context(open_run(session, start, members[i][1]))
+            record.log.set_tag(TAG_STACK, stack)
+            record.log.set_tag(TAG_STACK_SIZE, str(len(fresh)))
+            records.append(record)
+        stacked = [
+            Member(
+                session.training,
+                functools.partial(record.epoch_end, session),
+                functools.partial(_fail, runs[j], members[fresh[j][0]]),
+            )
+            for j, (session, record) in enumerate(zip(sessions, records, strict=True))
+        ]
+        watch = Stopwatch()
+        try:
+            with guard.deferred(), watch("training"):
+                fit_stack(stacked, first.data, first.trainer, guard)
+        except Interrupted as stop:
+            for member, session, record, held in zip(stacked, sessions, records, runs, strict=True):
+                if member.alive:
+                    record.stopped(session, stop)
+                    held.__exit__(type(stop), stop, stop.__traceback__)
+            with _outcome(members[fresh[0][0]][1], members[fresh[0][0]][0]):
+                raise
+        done = [j for j, member in enumerate(stacked) if member.alive]
+        outcomes = []
+        for j in done:
+            session, record = sessions[j], records[j]
+            session.watch.seconds["training"] += watch.seconds["training"]  # the stack's, shared
+            history = session.training.progress.history
+            history.step_loss = session.training.progress.step_loss.cpu().numpy()
+            history.step_acc = session.training.progress.step_acc.cpu().numpy()
+            outcomes.append((session, record, history, evaluate_test(session, record, history)))
+        record_many(outcomes)
+        finished = {}
+        for j, (session, record, history, test) in zip(done, outcomes, strict=True):
+            runs[j].close()  # FINISHED
+            metrics = results(history, test)
+            report(session, record, metrics)
+            finished[fresh[j][0]] = _objective(session.cfg, metrics)
+        return finished
+    except BaseException as exc:
+        for held in runs:  # every run still open ends FAILED (or KILLED) with the reason
+            held.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+
+
+def _fail(held: contextlib.ExitStack, member: tuple[DictConfig, Job], error: Exception) -> None:
+    """A member's run ends FAILED with the reason; the sweep's ``on_error`` decides what follows."""
+    held.__exit__(type(error), error, None)
+    cfg, job = member
+    with _outcome(job, cfg):
+        raise error
+
+
+def _outcome(job: Job, cfg: DictConfig) -> contextlib.AbstractContextManager[None]:
+    return job_outcome(job, OmegaConf.to_object(cfg.sweep))
+
+
+def _objective(cfg: DictConfig, metrics: dict[str, float]) -> float:
+    return metrics.get(cfg.sweep.objective, math.nan)

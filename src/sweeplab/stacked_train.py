@@ -1,0 +1,175 @@
+"""The training loop of a stack: every member's step at once, each member's bookkeeping its own.
+
+Each member keeps the ``TrainingState`` a solo run of its config would have (model, optimizer,
+scheduler, shuffle generator, progress), so it sees the batches a solo run sees in the same
+order; ``sweeplab.stack`` steps their stacked weights together. At every epoch end (and at a
+stop) each member's weights and optimizer buffers are written back into its own objects, which
+its record then checkpoints, evaluates and logs as for any run.
+
+A member whose loss becomes NaN/inf is reported through ``failed`` and left out from then on;
+the others train on.
+"""
+
+import dataclasses
+import logging
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sweeplab.data import Data
+from sweeplab.interrupt import Interrupted, SignalGuard
+from sweeplab.schema import TrainerConfig
+from sweeplab.stack import StackedModel, stack_optimizers
+from sweeplab.state import History, MetricRows, TrainingState
+from sweeplab.train import DivergedError, evaluate, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Member:
+    """One member's training state and where its epoch rows and its failure go."""
+
+    state: TrainingState
+    log_rows: Callable[[MetricRows], None]
+    failed: Callable[[DivergedError], None]
+    alive: bool = True
+
+
+def fit_stack(members: list[Member], data: Data, cfg: TrainerConfig, stop: SignalGuard) -> None:
+    """Train every member from step 0 to ``cfg.epochs`` epochs (members start together: a
+    resumed run trains alone). ``stop`` ends training at a step boundary with every living
+    member's state written back and current."""
+    states = [member.state for member in members]
+    stacked = StackedModel([s.model for s in states], data.in_features)
+    optimizer = stack_optimizers(list(stacked.params.values()), [s.optimizer for s in states])
+    train = data.train
+    n, batch, k = len(train), cfg.batch_size, len(members)
+    per_epoch = steps_per_epoch(n, cfg)
+    device = train.x.device
+    losses = torch.zeros(k, per_epoch * cfg.epochs, device=device)
+    accs = torch.zeros_like(losses)
+    for row, s in enumerate(states):  # each member's progress reads its row of the stack's
+        s.progress.step_loss, s.progress.step_acc = losses[row], accs[row]
+    weights = torch.full((per_epoch,), float(batch))
+    if not cfg.drop_last:
+        weights[-1] = n - batch * (per_epoch - 1)
+    window, step = cfg.log_every_n_steps, 0
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.perf_counter()
+        stacked.train()
+        for s in states:
+            s.progress.order = torch.randperm(n, generator=s.generator).to(device)
+        orders = torch.stack([s.progress.order for s in states])
+        try:
+            for i in range(per_epoch):
+                idx = orders[:, i * batch : (i + 1) * batch]
+                y = train.y[idx]
+                logits = stacked(train.x[idx])
+                loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+                optimizer.zero_grad()
+                loss.sum().backward()
+                optimizer.step(optimizer.lrs())
+                losses[:, step] = loss.detach()
+                accs[:, step] = (logits.argmax(2) == y).float().mean(1)
+                step += 1
+                if step % window == 0:
+                    lrs = optimizer.lrs().tolist()
+                    for s, lr in zip(states, lrs, strict=True):
+                        s.progress.lrs[step] = lr
+                    _check_finite(members, loss, f"at step {step} (epoch {epoch})")
+                with warnings.catch_warnings():
+                    # each member's own optimizer never steps (the stack steps for it): the
+                    # schedule's first step would warn about that order, once
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    for s in states:
+                        s.scheduler.step()
+                stop.raise_if_requested()
+        except Interrupted:
+            _write_back(members, stacked, optimizer, epoch - 1, step)
+            raise
+        _write_back(members, stacked, optimizer, epoch, step)
+        _epoch_end(members, data, cfg, epoch, step, per_epoch, weights, time.perf_counter() - started)
+
+
+def _check_finite(members: list[Member], loss: torch.Tensor, where: str) -> None:
+    for member, finite in zip(members, torch.isfinite(loss).tolist(), strict=True):
+        if member.alive and not finite:
+            member.alive = False
+            member.failed(DivergedError(f"train/loss became non-finite {where}: lower optimizer.lr"))
+
+
+def _write_back(members: list[Member], stacked: StackedModel, optimizer, epoch: int, step: int) -> None:
+    """Each living member's weights, optimizer buffers and position into its own objects."""
+    for row, member in enumerate(members):
+        if member.alive:
+            stacked.write_back(row)
+            optimizer.write_back(row)
+            member.state.progress.epoch, member.state.progress.step = epoch, step
+
+
+def _epoch_end(
+    members: list[Member],
+    data: Data,
+    cfg: TrainerConfig,
+    epoch: int,
+    step: int,
+    per_epoch: int,
+    weights: torch.Tensor,
+    train_seconds: float,
+) -> None:
+    """Per living member: the epoch's metrics from its own rows, validation with its own model,
+    rows to its record (which checkpoints, then logs them)."""
+    window = cfg.log_every_n_steps
+    for member in members:
+        if not member.alive:
+            continue
+        progress = member.state.progress
+        losses, accs = progress.step_loss[:step].cpu(), progress.step_acc[:step].cpu()
+        epoch_losses, epoch_accs = losses[-per_epoch:], accs[-per_epoch:]
+        if not torch.isfinite(epoch_losses).all():
+            member.alive = False
+            member.failed(DivergedError(f"train/loss became non-finite in epoch {epoch}: lower optimizer.lr"))
+            continue
+        history: History = progress.history
+        history.train_seconds += train_seconds
+        rows: MetricRows = [
+            (
+                s,
+                {
+                    "train/loss": float(losses[s - window : s].mean()),
+                    "train/acc": float(accs[s - window : s].mean()),
+                    "train/lr": lr,
+                },
+            )
+            for s, lr in progress.lrs.items()
+        ]
+        metrics = {
+            "train/epoch_loss": float((epoch_losses * weights).sum() / weights.sum()),
+            "train/epoch_acc": float((epoch_accs * weights).sum() / weights.sum()),
+            "throughput/samples_per_s": len(data.train) / train_seconds,
+        }
+        if len(data.val):
+            val = evaluate(member.state.model, data.val, cfg.eval_batch_size)
+            history.val_loss.append(val.loss)
+            history.val_acc.append(val.acc)
+            metrics |= {"val/loss": val.loss, "val/acc": val.acc}
+        metrics["time/epoch_s"] = train_seconds
+        history.epoch_end_steps.append(step)
+        progress.order, progress.lrs = None, {}
+        member.log_rows([*rows, (step, metrics)])
+    alive = [m for m in members if m.alive]
+    vals = [m.state.progress.history.val_acc[-1] for m in alive if m.state.progress.history.val_acc]
+    best = max(vals, default=None)
+    log.info(
+        "epoch %d/%d | %d of %d members training | best val/acc %s | time/epoch_s %.4g (all members)",
+        epoch,
+        cfg.epochs,
+        len(alive),
+        len(members),
+        f"{best:.4f}" if best is not None else "-",
+        train_seconds,
+    )

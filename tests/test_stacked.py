@@ -1,0 +1,219 @@
+"""Stacked sweeps: same-shaped jobs trained as one program, each recorded as an ordinary run."""
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from conftest import SWEEPLAB, run_cli
+from sweeplab.data import load_data
+from sweeplab.models import MLP, MODELS
+from sweeplab.optimizers import OPTIMIZERS
+from sweeplab.stack import StackedModel, stack_optimizers
+from sweeplab.stacking import group, stackable
+from sweeplab.train import evaluate
+
+STACKED = ["-m", "hydra/launcher=stacked"]
+FORK = ["-m", "hydra/launcher=fork", "hydra.launcher.n_jobs=2"]
+# digits: 1187 training images in 19 batches of 64 (the last one smaller), logged every 5 steps
+SMALL = ["data=digits", "trainer.epochs=3", "trainer.log_every_n_steps=5", "device=cpu"]
+QUIET = ["tracking.figures=false", "tracking.log_model=false"]
+
+
+def _children(uri: str) -> dict[str, mlflow.entities.Run]:
+    """Every sweep child by its own overrides, without those that only change what is logged."""
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweeplab").experiment_id])
+    return {
+        " ".join(o for o in r.data.tags["sweeplab.overrides"].split() if not o.startswith("tracking.")): r
+        for r in runs
+        if "mlflow.parentRunId" in r.data.tags
+    }
+
+
+def _sweep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    cwd.mkdir(exist_ok=True)
+    result = run_cli(args, cwd=cwd, env={"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_stackable_keys_are_seed_dropout_and_optimizer_and_scheduler_values() -> None:
+    assert all(
+        map(stackable, ["seed", "model.dropout", "optimizer.lr", "optimizer.betas", "scheduler.gamma"])
+    )
+    assert not any(
+        map(
+            stackable,
+            ["optimizer.name", "scheduler.name", "model.hidden_dims", "trainer.batch_size", "data.name"],
+        )
+    )
+
+
+def test_a_mixed_sweep_splits_by_model_into_two_stacks_of_four(compose_cfg) -> None:
+    configs = [
+        compose_cfg([f"model={model}", f"optimizer.lr={lr}", f"seed={seed}"])
+        for model in ["logreg", "mlp"]
+        for lr in [0.1, 0.01]
+        for seed in [0, 1]
+    ]
+    assert group(configs) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    tracking_only = compose_cfg(["model=logreg", "tracking.figures=false"])
+    assert group([configs[0], tracking_only]) == [[0, 1]]  # what is logged never splits a stack
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_a_stack_steps_each_member_as_its_own_optimizer_would(compose_cfg, optimizer: str) -> None:
+    """Members with their own init, lr, momentum/betas and weight decay: after 5 steps each
+    member's weights and optimizer state equal those of its own model and torch optimizer."""
+    extra = {"sgd": ["optimizer.nesterov=true"], "adam": [], "adamw": []}[optimizer]
+    momentum = "optimizer.momentum=0.5" if optimizer == "sgd" else "optimizer.betas=[0.8,0.99]"
+    configs = [
+        compose_cfg(["model=mlp", "model.dropout=0", f"optimizer={optimizer}", "optimizer.lr=0.05", *extra]),
+        compose_cfg(
+            ["model=mlp", "model.dropout=0", f"optimizer={optimizer}", "optimizer.lr=0.01", momentum]
+        ),
+        compose_cfg(["model=mlp", "model.dropout=0", f"optimizer={optimizer}", "optimizer.weight_decay=0.1"]),
+    ]
+
+    def members() -> tuple[list[torch.nn.Module], list[torch.optim.Optimizer]]:
+        models = []
+        for seed, cfg in enumerate(configs):
+            torch.manual_seed(seed)
+            models.append(MODELS.build(cfg.model, 20, 3))
+        return models, [
+            OPTIMIZERS.build(c.optimizer, m.parameters()) for c, m in zip(configs, models, strict=True)
+        ]
+
+    x, y = torch.randn(3, 32, 20), torch.randint(0, 3, (3, 32))
+    solo, solo_optimizers = members()
+    for _ in range(5):
+        for model, opt, xk, yk in zip(solo, solo_optimizers, x, y, strict=True):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xk), yk).backward()
+            opt.step()
+    models, optimizers = members()
+    stacked = StackedModel(models, 20)
+    stepper = stack_optimizers(list(stacked.params.values()), optimizers)
+    for _ in range(5):
+        losses = torch.nn.functional.cross_entropy(stacked(x).transpose(1, 2), y, reduction="none").mean(1)
+        stepper.zero_grad()
+        losses.sum().backward()
+        stepper.step(stepper.lrs())
+    for k in range(3):
+        stacked.write_back(k)
+        stepper.write_back(k)
+        for a, b in zip(solo[k].parameters(), models[k].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for p_solo, p in zip(solo[k].parameters(), models[k].parameters(), strict=True):
+            for key, value in solo_optimizers[k].state[p_solo].items():
+                torch.testing.assert_close(optimizers[k].state[p][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_members_match_solo_runs_and_carry_the_whole_record(
+    tmp_path: Path, compose_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every member of a 4-member stack (logreg; MLP without dropout) starts from the solo run's
+    weights and sees its batches (the same first logged loss) and ends within 0.002 test accuracy
+    of it; each has its own run with figures, a model that loads back and reproduces its test
+    accuracy, checkpoints and the stack's tags. (With dropout: ``test_mnist.py``.)"""
+    logreg = ["model=logreg", "optimizer.lr=0.1,0.03", "seed=0,1", *SMALL]
+    mlp = ["model=mlp", "model.dropout=0", "optimizer.lr=0.1,0.03", "seed=0,1", *SMALL]
+    stacked_dir, solo_dir = tmp_path / "stacked", tmp_path / "solo"
+    for grid in (logreg, mlp):
+        out = _sweep([*STACKED, *grid], stacked_dir).stdout
+        assert "as 1 stack(s)" in out and "4 member(s)" in out
+        _sweep([*FORK, *grid, *QUIET], solo_dir)
+    stacked, solo = (
+        _children(f"sqlite:///{stacked_dir / 'mlflow.db'}"),
+        _children(f"sqlite:///{solo_dir / 'mlflow.db'}"),
+    )
+    assert len(stacked) == 8 and stacked.keys() == solo.keys()
+    client = mlflow.MlflowClient(f"sqlite:///{stacked_dir / 'mlflow.db'}")
+    solo_client = mlflow.MlflowClient(f"sqlite:///{solo_dir / 'mlflow.db'}")
+    for overrides, run in stacked.items():
+        alone = solo[overrides]
+        first = client.get_metric_history(run.info.run_id, "train/loss")[0]
+        first_alone = solo_client.get_metric_history(alone.info.run_id, "train/loss")[0]
+        assert first.step == first_alone.step == 5
+        assert first.value == pytest.approx(first_alone.value, abs=1e-5)  # same weights, same batches
+        assert run.data.metrics["test/acc"] == pytest.approx(alone.data.metrics["test/acc"], abs=0.002)
+        assert run.data.tags["sweeplab.stack_size"] == "4" and run.data.tags["sweeplab.stack"]
+        assert run.data.tags["sweeplab.config_hash"] == alone.data.tags["sweeplab.config_hash"]
+        assert run.data.params == alone.data.params | {
+            "tracking.figures": "True",
+            "tracking.log_model": "True",
+        }
+    (run,) = [r for o, r in stacked.items() if "model=mlp" in o and "lr=0.03" in o and "seed=1" in o]
+    figures = {Path(a.path).stem for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert figures == {"samples", "curves", "pca_input", "pca_hidden1", "pca_hidden2", "confusion_matrix"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {".hydra", "config", "figures"}
+    checkpoints = sorted(p.name for p in Path(run.data.tags["sweeplab.checkpoint_dir"]).iterdir())
+    assert "best.pt" in checkpoints and "epoch3-step57.pt" in checkpoints  # 19 steps per epoch
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{stacked_dir / 'mlflow.db'}")
+    loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert isinstance(loaded, MLP)
+    data = load_data(compose_cfg(["data=digits"]).data, torch.device("cpu"))
+    assert evaluate(loaded, data.test, 8192).acc == pytest.approx(run.data.metrics["test/acc"], abs=1e-6)
+
+
+def test_a_diverging_member_fails_alone(tmp_path: Path) -> None:
+    grid = ["model=mlp", "model.dropout=0", "optimizer.lr=0.05,1e6,0.01", *SMALL, *QUIET]
+    result = _sweep([*STACKED, *grid], tmp_path)
+    children = {
+        r.data.params["optimizer.lr"]: r for r in _children(f"sqlite:///{tmp_path / 'mlflow.db'}").values()
+    }
+    assert {lr: r.info.status for lr, r in children.items()} == {
+        "0.05": "FINISHED",
+        "1000000.0": "FAILED",
+        "0.01": "FINISHED",
+    }
+    assert re.match(
+        r"DivergedError: train/loss became non-finite at step 5",
+        children["1000000.0"].data.tags["sweeplab.failure"],
+    )
+    assert "job failed, the sweep goes on: DivergedError" in result.stdout
+    assert (
+        len(
+            mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
+                children["0.01"].info.run_id, "val/acc"
+            )
+        )
+        == 3
+    )
+
+
+def test_an_interrupted_stack_checkpoints_every_member_and_a_rerun_finishes_them(tmp_path: Path) -> None:
+    sweep = [*STACKED, "model=logreg", "optimizer.lr=0.1,0.03", "data=synthetic", "data.n_samples=40000"]
+    sweep += ["trainer.batch_size=16", "trainer.epochs=3", "device=cpu", *QUIET]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    process = subprocess.Popen(
+        [str(SWEEPLAB), *sweep],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "epoch 1/3" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, "".join(seen) + rest
+    children = _children(env["MLFLOW_TRACKING_URI"])
+    assert {r.info.status for r in children.values()} == {"KILLED"}
+    assert all("checkpoint: " in r.data.tags["sweeplab.stopped"] for r in children.values())
+
+    rerun = _sweep(sweep, tmp_path)
+    assert rerun.stdout.count("resuming run") == 2
+    after = _children(env["MLFLOW_TRACKING_URI"])
+    assert {r.info.status for r in after.values()} == {"FINISHED"}
+    assert {r.info.run_id for r in after.values()} == {r.info.run_id for r in children.values()}
