@@ -11,6 +11,9 @@
    workers of the fork launcher (wall time, speed-up) and measures what the sweep machinery adds
    per job: the parent run and the summary (shared by the 8 jobs) and each job's config-hash
    lookups, against a bare run's store setup.
+4. Runs a 16-job ``seed_logreg`` sweep (4 learning rates x 4 seeds) with the stacked launcher and
+   with 2 workers of the fork launcher, side by side: wall time, training seconds per
+   model-epoch, and what recording a member costs (figures, model, MLflow logging).
 
 Usage: python scripts/benchmark.py [--data-root DIR] [--epochs N] [--device cpu] [--parts ...]
 The data root defaults to $SWEEPLAB_DATA_DIR; it must hold MNIST/raw/.
@@ -304,6 +307,71 @@ def sweeps(root: str, epochs: int) -> None:
         print(f"    {name:50} {seconds * 1000:7.1f} ms")
 
 
+# ---- stacked sweeps ------------------------------------------------------------------------
+STACKED_LRS = "0.1,0.05,0.02,0.01"
+STACKED_SEEDS = "0,1,2,3"
+
+
+def stacked_sweep(
+    root: str, launcher: list[str], workdir: Path, epochs: int, device: str
+) -> tuple[float, dict]:
+    """Wall time of the 16-job seed_logreg sweep (4 learning rates x 4 seeds) with ``launcher``,
+    and the mean of each phase's seconds over its children, which must all be FINISHED with
+    figures and a model."""
+    command = [
+        str(Path(sys.executable).with_name("sweeplab")),
+        "-m",
+        *launcher,
+        "experiment=seed_logreg",
+        f"optimizer.lr={STACKED_LRS}",
+        f"seed={STACKED_SEEDS}",
+        f"trainer.epochs={epochs}",
+        f"device={device}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"SWEEPLAB_DATA_DIR": root}
+    started = time.perf_counter()
+    subprocess.run(command, cwd=workdir, env=env, check=True, capture_output=True)
+    wall = time.perf_counter() - started
+    client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    children = [r for r in client.search_runs(["1"]) if r.data.tags.get(TAG_SWEEP) != "parent"]
+    complete = [
+        r
+        for r in children
+        if r.info.status == "FINISHED"
+        and len(client.list_artifacts(r.info.run_id, "figures")) == 4
+        and r.data.metrics.get("time/model_logging_s") is not None
+    ]
+    if len(complete) != 16:
+        raise RuntimeError(f"{launcher}: {len(complete)} of 16 children FINISHED with figures and a model")
+    phases = {
+        key: sum(r.data.metrics[key] for r in children) / len(children)
+        for key in ("time/training_s", "time/figures_s", "time/model_logging_s", "time/tracking_s")
+    }
+    return wall, phases
+
+
+def stacked(root: str, epochs: int, device: str) -> None:
+    print(
+        f"\n== 16-job sweep experiment=seed_logreg optimizer.lr={STACKED_LRS} seed={STACKED_SEEDS} "
+        f"trainer.epochs={epochs} device={device}, fresh sqlite store each"
+    )
+    launchers = {
+        "stacked": ["hydra/launcher=stacked"],
+        "fork, 2 workers": ["hydra/launcher=fork", "hydra.launcher.n_jobs=2"],
+    }
+    walls = {}
+    print(f"{'launcher':18} {'wall s':>8} {'train s/model-epoch':>20} {'record s/member':>16}")
+    for name, launcher in launchers.items():
+        with tempfile.TemporaryDirectory() as workdir:
+            wall, phases = stacked_sweep(root, launcher, Path(workdir), epochs, device)
+        walls[name] = wall
+        # a member's training seconds are its stack's: per model-epoch divide by the stack's size
+        per_model_epoch = phases["time/training_s"] / epochs / (16 if name == "stacked" else 1)
+        record = phases["time/figures_s"] + phases["time/model_logging_s"] + phases["time/tracking_s"]
+        print(f"{name:18} {wall:8.1f} {per_model_epoch:20.3f} {record:16.2f}")
+    print(f"stacked is {walls['fork, 2 workers'] / walls['stacked']:.2f}x faster (wall)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -313,7 +381,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--parts", nargs="+", choices=["compare", "e2e", "sweep"], default=["compare", "e2e", "sweep"]
+        "--parts",
+        nargs="+",
+        choices=["compare", "e2e", "sweep", "stacked"],
+        default=["compare", "e2e", "sweep", "stacked"],
     )
     parser.add_argument(
         "--sweep-epochs", type=int, default=1, help="epochs of each sweep job (seed_logreg: 1)"
@@ -328,6 +399,8 @@ def main() -> None:
         end_to_end(root, args.device)
     if "sweep" in args.parts:
         sweeps(root, args.sweep_epochs)
+    if "stacked" in args.parts:
+        stacked(root, args.epochs, args.device)
 
 
 if __name__ == "__main__":

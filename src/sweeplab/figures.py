@@ -135,6 +135,11 @@ def confusion_matrix(
     return fig
 
 
+# figures drawn from the data and the seed alone: runs on the same data with the same seed
+# (members of one stack) share them
+MODEL_FREE = ("samples", "pca_input")
+
+
 def run_jobs(
     model: nn.Module,
     data: Data,

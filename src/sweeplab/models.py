@@ -7,16 +7,13 @@ representations worth plotting (read with forward hooks, see ``sweeplab.represen
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from sweeplab.errors import ConfigError, require
 from sweeplab.registry import Registry
-
-if TYPE_CHECKING:
-    from sweeplab.stack import StackedModel
+from sweeplab.stack import StackedModel, linear
 
 MODELS: Registry[nn.Module] = Registry("model")
 
@@ -52,9 +49,9 @@ class LogisticRegression(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b, x.flatten(1), self.W)
 
-    def stacked_forward(self, stacked: "StackedModel", x: torch.Tensor) -> torch.Tensor:
+    def stacked_forward(self, stacked: StackedModel, x: torch.Tensor) -> torch.Tensor:
         """Every member of a stack at once (``sweeplab.stack``): ``x`` is (members, batch, features)."""
-        return torch.baddbmm(stacked.param("b").unsqueeze(1), x, stacked.param("W"))
+        return linear(x, stacked.param("W").transpose(1, 2), stacked.param("b"))
 
 
 @MODELS.register("mlp")
@@ -106,6 +103,6 @@ class MLP(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.flatten(1))
 
-    def stacked_forward(self, stacked: "StackedModel", x: torch.Tensor) -> torch.Tensor:
+    def stacked_forward(self, stacked: StackedModel, x: torch.Tensor) -> torch.Tensor:
         """Every member of a stack at once (``sweeplab.stack``): ``x`` is (members, batch, features)."""
         return stacked.sequence(self, x)

@@ -11,7 +11,9 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ from sweeplab.record import (
     run_params,
     run_tags,
 )
-from sweeplab.render import Rendering, rendering
+from sweeplab.render import rendering
 from sweeplab.resume import ResumePoint, locate, own_overrides, resumed_config
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import CheckpointConfig, SweepConfig, TrackingConfig, TrainerConfig
@@ -48,7 +50,7 @@ from sweeplab.seeding import seed_everything
 from sweeplab.state import History, MetricRows, Progress, TrainingState
 from sweeplab.sweep import previous_run
 from sweeplab.timing import Stopwatch, timed
-from sweeplab.tracking import RunLog, Tracker
+from sweeplab.tracking import RunLog, Tracker, tracking_uri
 from sweeplab.train import Evaluation, evaluate, fit, steps_per_epoch
 from sweeplab.validation import validate
 
@@ -115,11 +117,12 @@ class Record:
         log.warning("%s at %s; resume with: sweeplab resume=%s", stop, where, self.log.run_id)
 
 
-def decide_start(cfg: DictConfig, job: Job, watch: Stopwatch) -> Start:
+def decide_start(cfg: DictConfig, job: Job, watch: Stopwatch, store: Tracker | None = None) -> Start:
     """Check the config, then decide: new, resumed (``resume=``, or a sweep's KILLED run of this
     config) or reused (a sweep's FINISHED run of this config). Inside a sweep the store exists
-    already, so it is asked before any data is loaded; a single run opens its store only once
-    the rest is valid."""
+    already, so it is asked before any data is loaded (through ``store`` if given: the sweep's,
+    shared by the members of a stack); a single run opens its store only once the rest is
+    valid."""
     with watch("setup"):
         validate(cfg)
         tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)
@@ -130,7 +133,8 @@ def decide_start(cfg: DictConfig, job: Job, watch: Stopwatch) -> Start:
             return Start(resumed_config(cfg, point, job.overrides), tracker, resume=point)
         if not job.parent_run_id:
             return Start(cfg)
-        tracker = Tracker(tracking, job.launch_dir, os.environ, job.parent_run_id)
+        same = store is not None and store.uri == tracking_uri(tracking, job.launch_dir, os.environ)
+        tracker = store if same else Tracker(tracking, job.launch_dir, os.environ, job.parent_run_id)
         previous = previous_run(tracker, config_hash(cfg), job) if sweep.skip_completed else None
         if isinstance(previous, ResumePoint):
             return Start(cfg, tracker, resume=previous)
@@ -168,9 +172,11 @@ def build(start: Start, watch: Stopwatch, loaded: "tuple[Data, Dataset] | None" 
 
 
 @contextlib.contextmanager
-def open_run(session: Session, start: Start, job: Job) -> Iterator[Record]:
+def open_run(
+    session: Session, start: Start, job: Job, tags: dict[str, str] | None = None
+) -> Iterator[Record]:
     """The MLflow run, new or reopened, for the length of the block: it ends FINISHED, KILLED
-    on a signal, or FAILED with the reason."""
+    on a signal, or FAILED with the reason. ``tags`` are added to a new run's own."""
     cfg, point = session.cfg, start.resume
     with session.watch("setup"):
         tracker = start.tracker or Tracker(session.tracking, job.launch_dir, os.environ)
@@ -190,7 +196,7 @@ def open_run(session: Session, start: Start, job: Job) -> Iterator[Record]:
             run_log = stack.enter_context(
                 tracker.run(
                     run_name(job.overrides, tracker.sweep_overrides),
-                    run_tags(cfg, job) | code_tags | environment_tags(session.device),
+                    run_tags(cfg, job) | code_tags | environment_tags(session.device) | (tags or {}),
                     run_params(cfg, job),
                     resume_run_id=point.run_id if point else None,
                 )
@@ -252,30 +258,38 @@ Outcome = tuple[Session, Record, History, Evaluation]
 
 
 def record_many(outcomes: list[Outcome]) -> None:
-    """``record_outputs`` for several runs at once: every run's figures are drawn in child
-    processes of their own while this process logs the models one after another."""
-    with contextlib.ExitStack() as stack:
-        drawings = [stack.enter_context(_start_figures(*outcome)) for outcome in outcomes]
+    """``record_outputs`` for several runs at once (a stack's members): their figures are drawn
+    by child processes, one per core, each figure that depends only on the data and the seed
+    once per seed, while this process logs the models one after another."""
+    wanted = [_figure_jobs(*outcome) for outcome in outcomes]
+    unique: figures.FigureJobs = {}
+    for jobs in wanted:
+        unique |= {file: make for file, (_, make) in jobs.items() if file not in unique}
+    processes = 1 if len(outcomes) == 1 else os.cpu_count() or 1
+    with rendering(unique, processes) as drawing:
         for session, record, history, _ in outcomes:
             if session.tracking.log_model:
                 with session.watch("model_logging"):
                     warmup.wait()  # MLflow's map of installed distributions is ready
                     step = history.epoch_end_steps[-1]
                     record.log.log_model(session.training.model, session.data.test.x[:5], step)
-        for (session, record, history, _), drawing in zip(outcomes, drawings, strict=True):
-            if drawing is not None:
-                with session.watch("figures"):
-                    record.log.log_folder(drawing.wait(), "figures")
+        folder = drawing.wait() if unique else None
+        for (session, record, history, _), jobs in zip(outcomes, wanted, strict=True):
+            if jobs:
+                with session.watch("figures"), tempfile.TemporaryDirectory() as own:
+                    for file, (name, _) in jobs.items():
+                        shutil.copyfile(folder / f"{file}.png", Path(own) / f"{name}.png")
+                    record.log.log_folder(Path(own), "figures")
             record.log.log_metrics(session.watch.metrics(), step=history.epoch_end_steps[-1])
 
 
-@contextlib.contextmanager
-def _start_figures(
+def _figure_jobs(
     session: Session, record: Record, history: History, test: Evaluation
-) -> Iterator[Rendering | None]:
+) -> dict[str, tuple[str, Callable[[], Any]]]:
+    """A run's figures by file name (a seed's for those the model does not change, the run's
+    own for the others), each with the name it is logged under and its job."""
     if not session.tracking.figures:
-        yield None
-        return
+        return {}
     with session.watch("figures"):
         warmup.wait()  # its libraries imported, and no thread running when the child forks
         jobs = figures.run_jobs(
@@ -286,8 +300,11 @@ def _start_figures(
             session.tracking.pca_samples,
             session.cfg.seed,
         )
-    with rendering(jobs) as drawing:
-        yield drawing
+    seed = f"seed{session.cfg.seed}-{session.tracking.pca_samples}"
+    return {
+        (f"{name}-{seed}" if name in figures.MODEL_FREE else f"{name}-{record.log.run_id}"): (name, make)
+        for name, make in jobs.items()
+    }
 
 
 def results(history: History, test: Evaluation) -> dict[str, float]:

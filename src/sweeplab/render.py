@@ -2,6 +2,7 @@
 
 Drawing a run's figures and logging its model each take about a second of one core
 after training; on Linux a forked child draws while the parent logs, so the two overlap. The
+figures of many runs (a stack's members) are shared out among a few children, one per core. The
 child only draws numpy arrays computed beforehand (no torch, no MLflow, whose sqlite connection
 must not cross a fork) and leaves through ``os._exit``, so the parent's exit handlers never run
 in it. Where fork is unavailable, or the child fails, the figures are drawn in this process.
@@ -39,40 +40,49 @@ def _draw_in_child(jobs: FigureJobs, folder: Path) -> None:
 
 
 class Rendering:
-    """Figures being drawn into ``folder``; ``wait`` returns once every file is there."""
+    """Figures being drawn into ``folder`` by up to ``processes`` children, each given every
+    ``processes``-th job; ``wait`` returns once every file is there."""
 
-    def __init__(self, jobs: FigureJobs, folder: Path) -> None:
+    def __init__(self, jobs: FigureJobs, folder: Path, processes: int = 1) -> None:
         self.jobs, self.folder = jobs, folder
-        self._child: multiprocessing.process.BaseProcess | None = None
-        if sys.platform == "linux":  # fork is the default and safe for numpy/matplotlib work there
-            self._child = multiprocessing.get_context("fork").Process(
-                target=_draw_in_child, args=(jobs, folder)
-            )
-            self._child.start()
+        self._children: list[tuple[multiprocessing.process.BaseProcess, FigureJobs]] = []
+        if sys.platform != "linux":  # fork is the default and safe for numpy/matplotlib work there
+            return
+        names = list(jobs)
+        shares = max(1, min(processes, len(names)))
+        for share in range(shares):
+            mine = {name: jobs[name] for name in names[share::shares]}
+            child = multiprocessing.get_context("fork").Process(target=_draw_in_child, args=(mine, folder))
+            child.start()
+            self._children.append((child, mine))
 
     def stop(self) -> None:
-        """End a child that is still drawing (the run stopped before it needed the figures)."""
-        if self._child is not None and self._child.is_alive():
-            self._child.terminate()
-            self._child.join()
+        """End children still drawing (the run stopped before it needed the figures)."""
+        for child, _ in self._children:
+            if child.is_alive():
+                child.terminate()
+                child.join()
 
     def wait(self) -> Path:
-        if self._child is not None:
-            self._child.join()
-            if self._child.exitcode == 0:
-                return self.folder
-            log.warning(
-                "drawing figures in a child process failed (exit %s); drawing them here", self._child.exitcode
-            )
-        _draw(self.jobs, self.folder)
+        """The folder, every figure in it: what a child failed to draw is drawn here."""
+        if not self._children:
+            _draw(self.jobs, self.folder)
+        for child, mine in self._children:
+            child.join()
+            if child.exitcode != 0:
+                log.warning(
+                    "drawing figures in a child process failed (exit %s); drawing them here", child.exitcode
+                )
+                _draw(mine, self.folder)
         return self.folder
 
 
 @contextmanager
-def rendering(jobs: FigureJobs) -> Iterator[Rendering]:
-    """Start drawing ``jobs``; the temporary folder is removed when the block ends."""
+def rendering(jobs: FigureJobs, processes: int = 1) -> Iterator[Rendering]:
+    """Start drawing ``jobs`` in ``processes`` children; the temporary folder is removed when
+    the block ends."""
     folder = Path(tempfile.mkdtemp(prefix="sweeplab-figures-"))
-    drawing = Rendering(jobs, folder)
+    drawing = Rendering(jobs, folder, processes)
     try:
         yield drawing
     finally:

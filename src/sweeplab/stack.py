@@ -33,6 +33,11 @@ class StackedModel:
     def __init__(self, members: list[nn.Module], in_features: int) -> None:
         self.members = members
         self.params, self.buffers = stack_module_state(members)
+        for name, first in members[0].named_parameters():
+            if first.dim() == 2 and first.T.is_contiguous() and not first.is_contiguous():
+                # column-major weights (logreg's) stay column-major: their products are faster
+                columns = torch.stack([m.get_parameter(name).detach().T for m in members])
+                self.params[name] = columns.transpose(1, 2).detach().requires_grad_()
         self.base = copy.deepcopy(members[0]).to("meta")  # the module whose forward every member runs
         self.training = True
         self._rates: dict[str, torch.Tensor] = {}
@@ -66,8 +71,7 @@ class StackedModel:
         if kind is nn.Sequential:
             return self.sequence(module, h, prefix)
         if kind is nn.Linear:
-            bias = self.params[f"{prefix}bias"].unsqueeze(1)
-            return torch.baddbmm(bias, h, self.params[f"{prefix}weight"].transpose(1, 2))
+            return linear(h, self.params[f"{prefix}weight"], self.params[f"{prefix}bias"])
         if kind is nn.LayerNorm:
             h = F.layer_norm(h, module.normalized_shape, eps=module.eps)
             return h * self.params[f"{prefix}weight"].unsqueeze(1) + self.params[f"{prefix}bias"].unsqueeze(1)
@@ -98,6 +102,15 @@ class StackedModel:
         for name, tensor in [*member.named_parameters(), *member.named_buffers()]:
             stacked = self.params.get(name, self.buffers.get(name))
             tensor.copy_(stacked[k])
+
+
+def linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``h @ weight.T + bias`` per member: ``h`` (K, batch, in), ``weight`` (K, out, in).
+
+    Computed as ``(weight @ h.T).T``: the weights' gradient is then a product with the long
+    input dimension as its wide side, about twice as fast on CPU for narrow outputs (10 classes).
+    """
+    return torch.baddbmm(bias.unsqueeze(2), weight, h.transpose(1, 2)).transpose(1, 2)
 
 
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)

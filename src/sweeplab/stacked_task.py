@@ -34,6 +34,7 @@ from sweeplab.stacked_train import Member, fit_stack
 from sweeplab.sweep import job_outcome
 from sweeplab.task import run
 from sweeplab.timing import Stopwatch
+from sweeplab.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,12 @@ def run_stack(members: list[tuple[DictConfig, Job]], stack: str, guard: SignalGu
     objectives = [math.nan] * len(members)
     fresh: list[tuple[int, Start, Stopwatch]] = []
     alone: list[int] = []
+    store: Tracker | None = None  # the sweep's store and parent, opened once for the members
     for i, (cfg, job) in enumerate(members):
         with _outcome(job, cfg):
             watch = Stopwatch()
-            start = decide_start(cfg, job, watch)
+            start = decide_start(cfg, job, watch, store)
+            store = store or start.tracker
             if start.reused is not None:
                 objectives[i] = _objective(cfg, start.reused)
             elif start.resume is not None:
@@ -83,10 +86,8 @@ def _train_together(
     records: list[Record] = []
     try:
         for (i, start, _), session, held in zip(fresh, sessions, runs, strict=True):
-            record = held.enter_context(open_run(session, start, members[i][1]))
-            record.log.set_tag(TAG_STACK, stack)
-            record.log.set_tag(TAG_STACK_SIZE, str(len(fresh)))
-            records.append(record)
+            tags = {TAG_STACK: stack, TAG_STACK_SIZE: str(len(fresh))}
+            records.append(held.enter_context(open_run(session, start, members[i][1], tags)))
         stacked = [
             Member(
                 session.training,

@@ -58,41 +58,44 @@ def fit_stack(members: list[Member], data: Data, cfg: TrainerConfig, stop: Signa
     if not cfg.drop_last:
         weights[-1] = n - batch * (per_epoch - 1)
     window, step = cfg.log_every_n_steps, 0
-    for epoch in range(1, cfg.epochs + 1):
-        started = time.perf_counter()
-        stacked.train()
-        for s in states:
-            s.progress.order = torch.randperm(n, generator=s.generator).to(device)
-        orders = torch.stack([s.progress.order for s in states])
-        try:
-            for i in range(per_epoch):
-                idx = orders[:, i * batch : (i + 1) * batch]
-                y = train.y[idx]
-                logits = stacked(train.x[idx])
-                loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
-                optimizer.zero_grad()
-                loss.sum().backward()
-                optimizer.step(optimizer.lrs())
-                losses[:, step] = loss.detach()
-                accs[:, step] = (logits.argmax(2) == y).float().mean(1)
-                step += 1
-                if step % window == 0:
-                    lrs = optimizer.lrs().tolist()
-                    for s, lr in zip(states, lrs, strict=True):
-                        s.progress.lrs[step] = lr
-                    _check_finite(members, loss, f"at step {step} (epoch {epoch})")
-                with warnings.catch_warnings():
-                    # each member's own optimizer never steps (the stack steps for it): the
-                    # schedule's first step would warn about that order, once
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+    with warnings.catch_warnings():
+        # each member's own optimizer never steps (the stack steps for it): a schedule's first
+        # step would warn about that order
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        for epoch in range(1, cfg.epochs + 1):
+            started = time.perf_counter()
+            stacked.train()
+            for s in states:
+                s.progress.order = torch.randperm(n, generator=s.generator).to(device)
+            orders = torch.stack([s.progress.order for s in states])
+            try:
+                for i in range(per_epoch):
+                    idx = orders[:, i * batch : (i + 1) * batch]
+                    y = train.y[idx]
+                    logits = stacked(train.x[idx])
+                    flat = F.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), y.flatten(), reduction="none"
+                    )
+                    loss = flat.view(k, -1).mean(1)
+                    optimizer.zero_grad()
+                    loss.sum().backward()
+                    optimizer.step(optimizer.lrs())
+                    losses[:, step] = loss.detach()
+                    accs[:, step] = (logits.argmax(2) == y).float().mean(1)
+                    step += 1
+                    if step % window == 0:
+                        lrs = optimizer.lrs().tolist()
+                        for s, lr in zip(states, lrs, strict=True):
+                            s.progress.lrs[step] = lr
+                        _check_finite(members, loss, f"at step {step} (epoch {epoch})")
                     for s in states:
                         s.scheduler.step()
-                stop.raise_if_requested()
-        except Interrupted:
-            _write_back(members, stacked, optimizer, epoch - 1, step)
-            raise
-        _write_back(members, stacked, optimizer, epoch, step)
-        _epoch_end(members, data, cfg, epoch, step, per_epoch, weights, time.perf_counter() - started)
+                    stop.raise_if_requested()
+            except Interrupted:
+                _write_back(members, stacked, optimizer, epoch - 1, step)
+                raise
+            _write_back(members, stacked, optimizer, epoch, step)
+            _epoch_end(members, data, cfg, epoch, step, per_epoch, weights, time.perf_counter() - started)
 
 
 def _check_finite(members: list[Member], loss: torch.Tensor, where: str) -> None:
