@@ -56,3 +56,29 @@ def test_normalized_inputs_and_batchnorm_match_a_lightning_style_mlp_in_one_epoc
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()) == 3
     rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert rates == [0.0, 0.0, 0.25]
+
+
+def test_stacked_mlp_members_with_dropout_match_solo_runs(tmp_path: Path) -> None:
+    """A 4-member stack of the notebook's MLP (dropout 0.25: each member draws its own masks)
+    ends within 0.01 test accuracy of solo runs of the same overrides."""
+    grid = ["experiment=seed_mlp", "optimizer.lr=0.01,0.02", "seed=0,1", "trainer.epochs=1", "device=cpu"]
+    accuracy = {}
+    for name, launcher in [("stacked", ["hydra/launcher=stacked"]), ("solo", ["hydra/launcher=fork"])]:
+        folder = tmp_path / name
+        folder.mkdir()
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        quiet = [] if name == "stacked" else ["tracking.figures=false", "tracking.log_model=false"]
+        result = run_cli(
+            ["-m", *launcher, *grid, *quiet], cwd=folder, env={"MLFLOW_TRACKING_URI": uri}, timeout=900
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("sweeplab").experiment_id])
+        accuracy[name] = {
+            (r.data.params["optimizer.lr"], r.data.params["seed"]): r.data.metrics["test/acc"]
+            for r in runs
+            if "mlflow.parentRunId" in r.data.tags
+        }
+    assert len(accuracy["stacked"]) == 4 and accuracy["stacked"].keys() == accuracy["solo"].keys()
+    for key, acc in accuracy["stacked"].items():
+        assert acc == pytest.approx(accuracy["solo"][key], abs=0.01), key
