@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from sweeplab.models import MLP, MODELS
 from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.stack import StackedModel, stack_optimizers
 from sweeplab.stacking import group, stackable
+from sweeplab.summary import objective_vs
 from sweeplab.train import evaluate
 
 STACKED = ["-m", "hydra/launcher=stacked"]
@@ -217,3 +220,57 @@ def test_an_interrupted_stack_checkpoints_every_member_and_a_rerun_finishes_them
     after = _children(env["MLFLOW_TRACKING_URI"])
     assert {r.info.status for r in after.values()} == {"FINISHED"}
     assert {r.info.run_id for r in after.values()} == {r.info.run_id for r in children.values()}
+
+
+def test_a_mixed_sweep_trains_two_stacks_and_summarises_each_config_over_its_seeds(tmp_path: Path) -> None:
+    """``model=logreg,mlp optimizer.lr=0.1,0.01 seed=0,1``: two stacks of four; the same runs
+    (names, config hashes) as the fork launcher makes; the parent's summary has every config's
+    mean and spread over its two seeds."""
+    grid = ["model=logreg,mlp", "optimizer.lr=0.1,0.01", "seed=0,1", *SMALL]
+    out = _sweep([*STACKED, *grid], tmp_path / "stacked").stdout
+    assert "Launching 8 jobs as 2 stack(s)" in out and out.count("4 member(s)") == 2
+    _sweep([*FORK, *grid], tmp_path / "fork")
+    uri = f"sqlite:///{tmp_path / 'stacked' / 'mlflow.db'}"
+    stacked, forked = _children(uri), _children(f"sqlite:///{tmp_path / 'fork' / 'mlflow.db'}")
+    assert {(r.info.run_name, r.data.tags["sweeplab.config_hash"]) for r in stacked.values()} == {
+        (r.info.run_name, r.data.tags["sweeplab.config_hash"]) for r in forked.values()
+    }
+    assert {r.info.status for r in stacked.values()} == {"FINISHED"}
+    for overrides, run in stacked.items():
+        if "model=logreg" in overrides:  # no dropout: the same numbers
+            assert run.data.metrics["test/acc"] == pytest.approx(
+                forked[overrides].data.metrics["test/acc"], abs=0.002
+            )
+
+    client = mlflow.MlflowClient(uri)
+    parent = next(
+        r
+        for r in client.search_runs([client.get_experiment_by_name("sweeplab").experiment_id])
+        if r.data.tags.get("sweeplab.sweep") == "parent"
+    )
+    assert {"summary/seeds.csv", "summary/seeds.md", "summary/seeds.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "summary")
+    }
+    seeds = pd.read_csv(client.download_artifacts(parent.info.run_id, "summary/seeds.csv", str(tmp_path)))
+    assert len(seeds) == 4 and set(seeds.seeds) == {2}
+    row = seeds[seeds.config == "model=logreg, optimizer.lr=0.1"].iloc[0]
+    accs = [
+        r.data.metrics["test/acc"] for o, r in stacked.items() if "model=logreg" in o and "lr=0.1 " in o + " "
+    ]
+    assert row["test/acc mean"] == pytest.approx(np.mean(accs)) and row["test/acc std"] == pytest.approx(
+        np.std(accs, ddof=1)
+    )
+
+
+def test_objective_plots_tell_the_other_swept_values_apart() -> None:
+    table = pd.DataFrame(
+        {
+            "status": ["FINISHED"] * 4,
+            "model": ["logreg", "logreg", "mlp", "mlp"],
+            "optimizer.lr": [0.1, 0.01, 0.1, 0.01],
+            "val/acc": [0.9, 0.8, 0.95, 0.85],
+        }
+    )
+    fig = objective_vs(table, "optimizer.lr", "val/acc", ["model", "optimizer.lr"])
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["model=logreg", "model=mlp"]

@@ -1,7 +1,9 @@
-"""The sweep summary written onto the parent run: a ranked table, the best child, figures."""
+"""The sweep summary written onto the parent run: a ranked table, the best child, figures, and
+when seeds were swept each config's mean and spread over its seeds."""
 
 import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -68,24 +70,83 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def objective_vs(table: pd.DataFrame, key: str, objective: str) -> Figure:
-    """The objective of every finished child against one swept value."""
+def _configs(table: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Each row's values of ``keys``, as one label (``model=mlp, optimizer.lr=0.01``)."""
+    if not keys:
+        return pd.Series("", index=table.index)
+    return table[keys].astype(str).apply(lambda row: ", ".join(f"{k}={v}" for k, v in row.items()), axis=1)
+
+
+def objective_vs(table: pd.DataFrame, key: str, objective: str, others: Sequence[str] = ()) -> Figure:
+    """The objective of every finished child against one swept value; the children's values
+    of the ``others`` swept keys (seeds aside: they are the spread) colour the points, with a
+    legend, when there are at most 10 such configs."""
     done = table.dropna(subset=[objective])
-    fig = Figure(figsize=(6, 4.5))
-    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.92)
+    fig = Figure(figsize=(7, 4.5))
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.92)
     ax = fig.add_subplot()
     values = done[key]
-    if pd.api.types.is_numeric_dtype(values):
-        ax.scatter(values, done[objective])
+    numeric = pd.api.types.is_numeric_dtype(values)
+    if numeric:
+        x = values
         if _log_scaled(values):
             ax.set_xscale("log")
     else:
         labels = sorted(values.astype(str).unique())
-        ax.scatter([labels.index(v) for v in values.astype(str)], done[objective])
+        x = pd.Series([labels.index(v) for v in values.astype(str)], index=done.index)
         ax.set_xticks(range(len(labels)), labels)
+    configs = _configs(done, [k for k in others if k not in (key, "seed")])
+    groups = sorted(configs.unique())
+    if len(groups) <= 10:
+        for group in groups:
+            mine = configs == group
+            ax.scatter(x[mine], done[objective][mine], label=group or None)
+        if len(groups) > 1:
+            ax.legend(fontsize=8)
+    else:
+        ax.scatter(x, done[objective])
     ax.set_xlabel(key)
     ax.set_ylabel(objective)
     ax.set_title(f"{objective} vs {key} ({len(done)} finished runs)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+SEED_METRICS = ("test/acc", "test/loss")
+
+
+def seed_table(table: pd.DataFrame, swept: list[str], objective: str) -> pd.DataFrame:
+    """Finished children that differ only in ``seed``, one row per config: how many seeds, and
+    the mean and standard deviation of the objective and the test metrics over them."""
+    keys = [k for k in swept if k != "seed"]
+    done = table[(table.status == "FINISHED")].dropna(subset=[objective])
+    metrics = list(dict.fromkeys([objective, *SEED_METRICS]))
+    grouped = done.assign(config=_configs(done, keys)).groupby("config", sort=False)
+    rows = []
+    for config, runs in grouped:
+        row: dict[str, object] = {"config": config, "seeds": len(runs)}
+        for metric in metrics:
+            row[f"{metric} mean"] = runs[metric].mean()
+            row[f"{metric} std"] = runs[metric].std(ddof=1) if len(runs) > 1 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def seed_spread(seeds: pd.DataFrame, objective: str) -> Figure:
+    """Mean objective per config with one standard deviation over its seeds as error bars."""
+    fig = Figure(figsize=(max(6, 0.9 * len(seeds) + 2), 5))
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.35, top=0.92)
+    ax = fig.add_subplot()
+    ax.errorbar(
+        range(len(seeds)),
+        seeds[f"{objective} mean"],
+        yerr=seeds[f"{objective} std"].fillna(0),
+        fmt="o",
+        capsize=4,
+    )
+    ax.set_xticks(range(len(seeds)), seeds.config, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{objective} (mean ± std over seeds)")
+    ax.set_title(f"{objective} over seeds ({int(seeds.seeds.sum())} finished runs)")
     ax.grid(alpha=0.3)
     return fig
 
@@ -162,10 +223,15 @@ def summarize(
             if key in METRICS or key == sweep.objective
         }
         for key in swept:
-            fig = objective_vs(table, key, sweep.objective)
+            fig = objective_vs(table, key, sweep.objective, swept)
             client.log_figure(
                 parent_id, fig, f"summary/objective_vs_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
             )
+        if "seed" in swept:  # each config's spread over its seeds
+            seeds = seed_table(table, swept, sweep.objective)
+            client.log_text(parent_id, seeds.to_csv(index=False), "summary/seeds.csv")
+            client.log_text(parent_id, markdown(seeds), "summary/seeds.md")
+            client.log_figure(parent_id, seed_spread(seeds, sweep.objective), "summary/seeds.png")
         if len(swept) > 1:
             client.log_figure(
                 parent_id,
