@@ -274,3 +274,13 @@ def test_objective_plots_tell_the_other_swept_values_apart() -> None:
     fig = objective_vs(table, "optimizer.lr", "val/acc", ["model", "optimizer.lr"])
     (ax,) = fig.axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["model=logreg", "model=mlp"]
+
+
+def test_optuna_asks_for_a_batch_of_trials_that_train_as_one_stack(tmp_path: Path) -> None:
+    args = ["+sweep=optuna_stacked", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=4", *SMALL, *QUIET]
+    out = _sweep(["-m", *args], tmp_path).stdout
+    assert out.count("Launching 4 jobs as 1 stack(s)") == 2
+    children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}").values()
+    assert len(children) == 8 and {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["sweeplab.stack_size"] for r in children} == {"4"}
+    assert len({r.data.params["model.dropout"] for r in children}) == 8  # searched, per member

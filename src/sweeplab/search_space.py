@@ -19,3 +19,9 @@ def mlp_architecture(cfg: DictConfig, trial: "Trial") -> None:
     if trial.params.get("model", cfg.model.name) == "mlp":
         trial.suggest_float("model.dropout", 0.0, 0.5)
         trial.suggest_categorical("model.hidden_dims", HIDDEN_DIMS)
+
+
+def dropout(cfg: DictConfig, trial: "Trial") -> None:
+    """The dropout rate, for models that have one (a stackable key: ``conf/sweep/optuna_stacked.yaml``)."""
+    if "dropout" in cfg.model:
+        trial.suggest_float("model.dropout", 0.0, 0.5)
