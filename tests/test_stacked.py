@@ -284,3 +284,36 @@ def test_optuna_asks_for_a_batch_of_trials_that_train_as_one_stack(tmp_path: Pat
     assert len(children) == 8 and {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.tags["sweeplab.stack_size"] for r in children} == {"4"}
     assert len({r.data.params["model.dropout"] for r in children}) == 8  # searched, per member
+
+
+class _Bilinear(torch.nn.Module):
+    """A model without a stacked form: the stack runs its own forward under torch.vmap."""
+
+    def __init__(self, in_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(in_features, 8)
+        self.out = torch.nn.Linear(8, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return self.out(h * torch.tanh(h))
+
+
+def test_a_model_without_a_stacked_form_runs_its_own_forward_per_member() -> None:
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(_Bilinear(5, 3))
+    x = torch.randn(3, 4, 5)
+    stacked = StackedModel(models, 5)(x)
+    for k, model in enumerate(models):
+        torch.testing.assert_close(stacked[k], model(x[k]))
+
+
+def test_batchnorm_members_train_one_after_another(tmp_path: Path) -> None:
+    grid = ["model=mlp", "model.norm=batchnorm", "optimizer.lr=0.1,0.05", *SMALL, *QUIET]
+    out = _sweep([*STACKED, *grid], tmp_path).stdout
+    assert "BatchNorm1d (hidden1.1) has no stacked form; its 2 members train one after another" in out
+    children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}").values()
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+    assert not any("sweeplab.stack" in r.data.tags for r in children)

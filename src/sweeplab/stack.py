@@ -42,8 +42,12 @@ class StackedModel:
         self.training = True
         self._rates: dict[str, torch.Tensor] = {}
         device = next(iter(self.params.values())).device
-        sample = torch.zeros(len(members), 2, in_features, device=device)
-        self(sample)  # raises NotStackable now rather than at the first batch
+        try:  # fail now, before any run is opened, rather than at the first batch
+            self(torch.zeros(len(members), 2, in_features, device=device))
+        except NotStackable:
+            raise
+        except Exception as exc:  # what torch.vmap cannot batch (in-place buffer updates...)
+            raise NotStackable(f"{type(members[0]).__name__} cannot run under torch.vmap: {exc}") from exc
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: one batch per member, ``(K, batch, features)``; logits ``(K, batch, classes)``."""

@@ -30,7 +30,7 @@ from sweeplab.phases import (
 )
 from sweeplab.record import TAG_STACK, TAG_STACK_SIZE
 from sweeplab.stack import NotStackable
-from sweeplab.stacked_train import Member, fit_stack
+from sweeplab.stacked_train import Member, fit_stack, stack
 from sweeplab.sweep import job_outcome
 from sweeplab.task import run
 from sweeplab.timing import Stopwatch
@@ -39,7 +39,7 @@ from sweeplab.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
-def run_stack(members: list[tuple[DictConfig, Job]], stack: str, guard: SignalGuard) -> list[float]:
+def run_stack(members: list[tuple[DictConfig, Job]], name: str, guard: SignalGuard) -> list[float]:
     """Every member's ``sweep.objective`` (NaN for a failed one, as for a solo sweep job). A
     member's failure follows its ``sweep.on_error``; an interrupt ends every member and raises."""
     objectives = [math.nan] * len(members)
@@ -59,10 +59,10 @@ def run_stack(members: list[tuple[DictConfig, Job]], stack: str, guard: SignalGu
                 fresh.append((i, start, watch))
     if len(fresh) > 1:
         try:
-            for i, value in _train_together(members, fresh, stack, guard).items():
+            for i, value in _train_together(members, fresh, name, guard).items():
                 objectives[i] = value
         except NotStackable as reason:
-            log.info("stack %s: %s; its %d members train one after another", stack, reason, len(fresh))
+            log.info("stack %s: %s; its %d members train one after another", name, reason, len(fresh))
             alone += [i for i, _, _ in fresh]
     else:
         alone += [i for i, _, _ in fresh]
@@ -76,17 +76,18 @@ def run_stack(members: list[tuple[DictConfig, Job]], stack: str, guard: SignalGu
 def _train_together(
     members: list[tuple[DictConfig, Job]],
     fresh: list[tuple[int, Start, Stopwatch]],
-    stack: str,
+    name: str,
     guard: SignalGuard,
 ) -> dict[int, float]:
     first = build(fresh[0][1], fresh[0][2])
     loaded = (first.data, first.dataset)
     sessions = [first] + [build(start, watch, loaded) for _, start, watch in fresh[1:]]
+    together = stack([session.training for session in sessions], first.data.in_features)
     runs = [contextlib.ExitStack() for _ in fresh]
     records: list[Record] = []
     try:
         for (i, start, _), session, held in zip(fresh, sessions, runs, strict=True):
-            tags = {TAG_STACK: stack, TAG_STACK_SIZE: str(len(fresh))}
+            tags = {TAG_STACK: name, TAG_STACK_SIZE: str(len(fresh))}
             records.append(held.enter_context(open_run(session, start, members[i][1], tags)))
         stacked = [
             Member(
@@ -99,7 +100,7 @@ def _train_together(
         watch = Stopwatch()
         try:
             with guard.deferred(), watch("training"):
-                fit_stack(stacked, first.data, first.trainer, guard)
+                fit_stack(stacked, together, first.data, first.trainer, guard)
         except Interrupted as stop:
             for member, session, record, held in zip(stacked, sessions, records, runs, strict=True):
                 if member.alive:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from sweeplab.data import Data
 from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.schema import TrainerConfig
-from sweeplab.stack import StackedModel, stack_optimizers
+from sweeplab.stack import StackedModel, StackedOptimizer, stack_optimizers
 from sweeplab.state import History, MetricRows, TrainingState
 from sweeplab.train import DivergedError, evaluate, steps_per_epoch
 
@@ -39,13 +39,24 @@ class Member:
     alive: bool = True
 
 
-def fit_stack(members: list[Member], data: Data, cfg: TrainerConfig, stop: SignalGuard) -> None:
-    """Train every member from step 0 to ``cfg.epochs`` epochs (members start together: a
-    resumed run trains alone). ``stop`` ends training at a step boundary with every living
-    member's state written back and current."""
+def stack(states: list[TrainingState], in_features: int) -> tuple[StackedModel, StackedOptimizer]:
+    """The members' models and optimizers stacked; ``NotStackable`` where they cannot be."""
+    stacked = StackedModel([s.model for s in states], in_features)
+    return stacked, stack_optimizers(list(stacked.params.values()), [s.optimizer for s in states])
+
+
+def fit_stack(
+    members: list[Member],
+    stacked: tuple[StackedModel, StackedOptimizer],
+    data: Data,
+    cfg: TrainerConfig,
+    stop: SignalGuard,
+) -> None:
+    """Train every member (``stacked``: their models and optimizers, from ``stack``) from step 0
+    to ``cfg.epochs`` epochs; members start together, a resumed run trains alone. ``stop`` ends
+    training at a step boundary with every living member's state written back and current."""
     states = [member.state for member in members]
-    stacked = StackedModel([s.model for s in states], data.in_features)
-    optimizer = stack_optimizers(list(stacked.params.values()), [s.optimizer for s in states])
+    stacked, optimizer = stacked
     train = data.train
     n, batch, k = len(train), cfg.batch_size, len(members)
     per_epoch = steps_per_epoch(n, cfg)
@@ -105,7 +116,9 @@ def _check_finite(members: list[Member], loss: torch.Tensor, where: str) -> None
             member.failed(DivergedError(f"train/loss became non-finite {where}: lower optimizer.lr"))
 
 
-def _write_back(members: list[Member], stacked: StackedModel, optimizer, epoch: int, step: int) -> None:
+def _write_back(
+    members: list[Member], stacked: StackedModel, optimizer: StackedOptimizer, epoch: int, step: int
+) -> None:
     """Each living member's weights, optimizer buffers and position into its own objects."""
     for row, member in enumerate(members):
         if member.alive:
