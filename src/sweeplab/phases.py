@@ -152,7 +152,7 @@ def build(start: Start, watch: Stopwatch, loaded: "tuple[Data, Dataset] | None" 
         checkpointing: CheckpointConfig = OmegaConf.to_object(cfg.checkpoint)
         device = resolve_device(cfg.device)
         generator = seed_everything(cfg.seed)
-        warmup.start(tracking.log_model, tracking.figures)  # runs while the data loads
+        warmup.start(tracking.log_model, tracking.figures, device.type == "cuda")  # while the data loads
     if loaded is None:
         with watch("data"):
             data = load_data(cfg.data, device)
@@ -180,7 +180,7 @@ def open_run(
     cfg, point = session.cfg, start.resume
     with session.watch("setup"):
         tracker = start.tracker or Tracker(session.tracking, job.launch_dir, os.environ)
-        code_tags, diff = code_state(Path(__file__).parent)
+        code_tags, diff = _running_code()
     log.info(
         "%s on %s (%d threads): %d train / %d val / %d test samples, %s",
         cfg.model.name,
@@ -347,6 +347,13 @@ def _restore(point: ResumePoint, cfg: DictConfig, dataset: Dataset, training: Tr
     log.info(
         "resuming run %s from %s (epoch %d, step %d)", point.run_id, point.path, progress.epoch, progress.step
     )
+
+
+@functools.cache
+def _running_code() -> tuple[dict[str, str], str | None]:
+    """The git state of sweeplab's checkout, read once per process however many runs it makes:
+    the code a process runs is what it imported."""
+    return code_state(Path(__file__).parent)
 
 
 def _log_inputs(run_log: RunLog, cfg: DictConfig, job: Job, dataset: Dataset, diff: str | None) -> None:

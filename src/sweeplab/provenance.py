@@ -1,6 +1,5 @@
 """What a run was made from: the code's git state, library versions, device and data digest."""
 
-import functools
 import hashlib
 import platform
 import warnings
@@ -26,11 +25,8 @@ from sweeplab.record import (
 )
 
 
-@functools.cache
 def code_state(path: Path) -> tuple[dict[str, str], str | None]:
-    """Git commit and dirty flag of the repository holding ``path``, and its diff when dirty:
-    read once per process (the code a process runs is what it imported), however many runs it
-    makes."""
+    """Git commit and dirty flag of the repository holding ``path``, and its diff when dirty."""
     try:
         repo = git.Repo(path, search_parent_directories=True)
         commit = repo.head.commit.hexsha

@@ -6,7 +6,8 @@ free, so a second thread can meanwhile:
 - let MLflow map every installed distribution: logging a model checks its requirements against
   them, a walk made once per process (~0.5 s here, seconds with a CUDA build of torch);
 - import what the figures are drawn with (SciPy's filter, scikit-learn's PCA and metrics,
-  ~0.8 s), before the figure child is forked, so that it starts drawing at once.
+  ~0.8 s), before the figure child is forked, so that it starts drawing at once;
+- create the CUDA context (for a CUDA device), which the data needs only once it is read.
 
 ``wait`` joins the thread; it must have ended before the process forks.
 """
@@ -19,11 +20,13 @@ FIGURE_MODULES = ("scipy.signal", "sklearn.decomposition", "sklearn.metrics")
 _thread: threading.Thread | None = None
 
 
-def start(log_model: bool, figures: bool) -> None:
-    """Start the thread, once per process, for the parts the run will use."""
+def start(log_model: bool, figures: bool, cuda: bool = False) -> None:
+    """Start the thread, once per process, for the parts the run will use (``cuda``: never in
+    a process that forks workers afterwards, which could not use a context made before)."""
     global _thread
     if _thread is None:
-        _thread = threading.Thread(target=_prepare, args=(log_model, figures), name="warmup", daemon=True)
+        args = (log_model, figures, cuda)
+        _thread = threading.Thread(target=_prepare, args=args, name="warmup", daemon=True)
         _thread.start()
 
 
@@ -32,7 +35,11 @@ def wait() -> None:
         _thread.join()
 
 
-def _prepare(log_model: bool, figures: bool) -> None:
+def _prepare(log_model: bool, figures: bool, cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.init()
     if log_model:
         from mlflow.utils import requirements_utils
 
