@@ -114,8 +114,6 @@ def _train_together(
             session, record = sessions[j], records[j]
             session.watch.seconds["training"] += watch.seconds["training"]  # the stack's, shared
             history = session.training.progress.history
-            history.step_loss = session.training.progress.step_loss.cpu().numpy()
-            history.step_acc = session.training.progress.step_acc.cpu().numpy()
             outcomes.append((session, record, history, evaluate_test(session, record, history)))
         record_many(outcomes)
         finished = {}

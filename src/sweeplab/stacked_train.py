@@ -107,6 +107,12 @@ def fit_stack(
                 raise
             _write_back(members, stacked, optimizer, epoch, step)
             _epoch_end(members, data, cfg, epoch, step, per_epoch, weights, time.perf_counter() - started)
+    for member in members:  # the whole run's per-step curves, for the figures
+        history, progress = member.state.progress.history, member.state.progress
+        history.step_loss, history.step_acc = (
+            progress.step_loss.cpu().numpy(),
+            progress.step_acc.cpu().numpy(),
+        )
 
 
 def _check_finite(members: list[Member], loss: torch.Tensor, where: str) -> None:

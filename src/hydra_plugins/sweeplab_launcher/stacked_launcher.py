@@ -59,14 +59,9 @@ class StackedLauncher(Launcher):
         stacks = group([ret.return_value[0] for ret in jobs])
         log.info("Launching %d jobs as %d stack(s):", len(jobs), len(stacks))
         for members in stacks:
-            log.info(
-                "\tstack %s, %d member(s): %s",
-                shape_id(jobs[members[0]].return_value[0]),
-                len(members),
-                "; ".join(
-                    f"#{initial_job_idx + i} {' '.join(filter_overrides(jobs[i].overrides))}" for i in members
-                ),
-            )
+            log.info("\tstack %s, %d member(s):", shape_id(jobs[members[0]].return_value[0]), len(members))
+            for i in members:
+                log.info("\t\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(jobs[i].overrides)))
         with SignalGuard().installed() as guard:
             for members in stacks:
                 prepared = [jobs[i].return_value for i in members]
