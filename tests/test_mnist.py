@@ -82,3 +82,18 @@ def test_stacked_mlp_members_with_dropout_match_solo_runs(tmp_path: Path) -> Non
     assert len(accuracy["stacked"]) == 4 and accuracy["stacked"].keys() == accuracy["solo"].keys()
     for key, acc in accuracy["stacked"].items():
         assert acc == pytest.approx(accuracy["solo"][key], abs=0.01), key
+
+
+def test_mnist_is_read_as_torchvision_reads_it(compose_cfg) -> None:
+    """sweeplab reads the IDX files itself (torchvision only downloads): the same pixels,
+    labels and class names as torchvision's MNIST."""
+    from torchvision.datasets import MNIST
+
+    from sweeplab.data import DATASETS
+
+    source = DATASETS.build(compose_cfg(["data=mnist", f"data.root={real_mnist_root()}"]).data)
+    for split, train in ((source.train, True), (source.test, False)):
+        reference = MNIST(root=str(real_mnist_root()), train=train)
+        assert torch.equal(split.x, reference.data.reshape(len(reference.data), -1).float() / 255)
+        assert torch.equal(split.y, reference.targets)
+    assert source.classes == reference.classes

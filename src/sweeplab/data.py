@@ -114,39 +114,67 @@ def _from_numpy(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
 
 
-def _torchvision_split(
-    dataset_cls: type, root: str, train: bool, download: bool
-) -> tuple[Split, list[str], list[Path]]:
-    """Read one split of an MNIST-format torchvision dataset, turning its failures into advice."""
-    name = dataset_cls.__name__
+# The MNIST-format datasets torchvision reads: their folder under the data root (torchvision's
+# class name) and class names, and the files of each split
+IDX_CLASSES = {
+    "MNIST": [
+        f"{i} - {n}" for i, n in enumerate("zero one two three four five six seven eight nine".split())
+    ],
+    "FashionMNIST": "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(","),
+}
+IDX_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _idx_split(name: str, root: str, train: bool, download: bool) -> tuple[Split, list[Path]]:
+    """One split of an MNIST-format dataset, read from its raw IDX files. torchvision (whose
+    import costs ~0.5 s) is asked only for what is missing: it downloads the files, or says
+    they cannot be had, which becomes advice."""
+    raw = Path(root) / name / "raw"
+    used = [raw / file for file in IDX_FILES[train]]
+    if not all(path.is_file() for path in used):
+        _torchvision_download(name, root, train, download)
+    images, labels = (_read_idx(path) for path in used)
+    x = torch.from_numpy(images).reshape(len(images), -1).float().div_(255)
+    return Split(x, torch.from_numpy(labels.astype(np.int64))), used
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes as an array of its shape, after checking its size."""
+    _check_idx_size(path)
+    with path.open("rb") as handle:
+        kind, ndim = handle.read(4)[2:]
+        if kind != 0x08:
+            raise ConfigError(
+                f"{path} holds IDX type 0x{kind:02x}, not the unsigned bytes of MNIST. {_REPLACE}"
+            )
+        dims = handle.read(4 * ndim)
+        shape = [int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4)]
+        return np.fromfile(handle, np.uint8).reshape(shape)
+
+
+def _torchvision_download(name: str, root: str, train: bool, download: bool) -> None:
+    """Let torchvision fetch the split's files into ``<root>/<name>/raw``; its failures become
+    advice, and a failed download leaves no empty folders behind."""
+    from torchvision import datasets
+
     raw = Path(root) / name / "raw"
     existed = raw.exists()
-    prefix = "train" if train else "t10k"
-    used = [raw / Path(url).name.removesuffix(".gz") for url, _ in dataset_cls.resources]
-    used = [path for path in used if path.name.startswith(prefix)]
-    for path in used:
-        _check_idx_size(path)
     try:
-        ds = dataset_cls(root=root, train=train, download=download)
+        getattr(datasets, name)(root=root, train=train, download=download)
     except RuntimeError as exc:
         if not existed and raw.is_dir() and not any(raw.iterdir()):
-            shutil.rmtree(raw.parent)  # leave no empty folders behind from a failed download
-        files = [Path(url).name.removesuffix(".gz") for url, _ in dataset_cls.resources]
-        if "not found" in str(exc) or "downloading" in str(exc).lower():
-            raise ConfigError(
-                f"{name} not found in {raw}"
-                + (" and it could not be downloaded" if download else " (data.download=false)")
-                + f". Put the files {files} in that folder, point data.root (or the env var "
-                "SWEEPLAB_DATA_DIR) at the folder that holds "
-                f"{name}/raw, or use data=digits, which works offline."
-            ) from exc
+            shutil.rmtree(raw.parent)
+        files = [file for split in IDX_FILES.values() for file in split]
         raise ConfigError(
-            f"Could not read {name} {'training' if train else 'test'} files in {raw}: {exc}. "
-            "A file is truncated or corrupt: replace it with the original "
-            "(or delete it and rerun with data.download=true)."
+            f"{name} not found in {raw}"
+            + (" and it could not be downloaded" if download else " (data.download=false)")
+            + f". Put the files {files} in that folder, point data.root (or the env var "
+            "SWEEPLAB_DATA_DIR) at the folder that holds "
+            f"{name}/raw, or use data=digits, which works offline."
         ) from exc
-    x = ds.data.reshape(len(ds.data), -1).float().div_(255)
-    return Split(x, ds.targets.long()), list(ds.classes), used
 
 
 def _check_idx_size(path: Path) -> None:
@@ -174,25 +202,22 @@ _IDX_ITEM_SIZE = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
 _REPLACE = "Replace it with the original file (or delete it and run again with data.download=true)."
 
 
-def _torchvision_source(class_name: str, root: str, download: bool) -> Source:
-    from torchvision import datasets
-
-    dataset_cls = getattr(datasets, class_name)
-    train, classes, train_files = _torchvision_split(dataset_cls, root, True, download)
-    test, _, test_files = _torchvision_split(dataset_cls, root, False, download)
-    return Source(train, test, classes, (1, 28, 28), train_files + test_files)
+def _idx_source(name: str, root: str, download: bool) -> Source:
+    train, train_files = _idx_split(name, root, True, download)
+    test, test_files = _idx_split(name, root, False, download)
+    return Source(train, test, IDX_CLASSES[name], (1, 28, 28), train_files + test_files)
 
 
 @DATASETS.register("mnist")
 def mnist(*, root: str = "./data", download: bool = True) -> Source:
-    """MNIST handwritten digits (60k train / 10k test, 28x28), read by torchvision."""
-    return _torchvision_source("MNIST", root, download)
+    """MNIST handwritten digits (60k train / 10k test, 28x28), downloaded by torchvision."""
+    return _idx_source("MNIST", root, download)
 
 
 @DATASETS.register("fashion_mnist")
 def fashion_mnist(*, root: str = "./data", download: bool = True) -> Source:
     """Fashion-MNIST clothing images, a harder drop-in for MNIST."""
-    return _torchvision_source("FashionMNIST", root, download)
+    return _idx_source("FashionMNIST", root, download)
 
 
 @DATASETS.register("digits")
