@@ -317,3 +317,15 @@ def test_batchnorm_members_train_one_after_another(tmp_path: Path) -> None:
     children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}").values()
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
     assert not any("sweeplab.stack" in r.data.tags for r in children)
+
+
+def test_a_diverging_member_under_on_error_raise_stops_its_stack_with_one_line(tmp_path: Path) -> None:
+    grid = ["model=mlp", "model.dropout=0", "optimizer.lr=0.05,1e6", "sweep.on_error=raise", *SMALL, *QUIET]
+    tmp_path.mkdir(exist_ok=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli([*STACKED, *grid], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    children = {r.data.params["optimizer.lr"]: r for r in _children(uri).values()}
+    assert children["1000000.0"].data.tags["sweeplab.failure"].startswith("DivergedError: train/loss")
+    assert "sweep.on_error=raise stops its stack" in children["0.05"].data.tags["sweeplab.failure"]
+    assert {r.info.status for r in children.values()} == {"FAILED"}

@@ -35,6 +35,7 @@ from sweeplab.sweep import job_outcome
 from sweeplab.task import run
 from sweeplab.timing import Stopwatch
 from sweeplab.tracking import Tracker
+from sweeplab.train import DivergedError
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,21 @@ def _train_together(
         raise
 
 
-def _fail(held: contextlib.ExitStack, member: tuple[DictConfig, Job], error: Exception) -> None:
-    """A member's run ends FAILED with the reason; the sweep's ``on_error`` decides what follows."""
+def _fail(held: contextlib.ExitStack, member: tuple[DictConfig, Job], error: DivergedError) -> None:
+    """A member's run ends FAILED with the reason; the sweep's ``on_error`` decides what follows:
+    ``continue`` trains the others on, ``raise`` stops the stack, its other runs FAILED saying why."""
     held.__exit__(type(error), error, None)
     cfg, job = member
-    with _outcome(job, cfg):
-        raise error
+    try:
+        with _outcome(job, cfg):
+            raise error
+    except DivergedError as exc:
+        overrides = " ".join(job.overrides)
+        raise StackStopped(f"{overrides} failed ({exc}) and sweep.on_error=raise stops its stack") from exc
+
+
+class StackStopped(DivergedError):
+    """A member diverged under ``sweep.on_error=raise``: the whole stack stops."""
 
 
 def _outcome(job: Job, cfg: DictConfig) -> contextlib.AbstractContextManager[None]:

@@ -45,9 +45,11 @@ class StackedLauncher(Launcher):
         self._composed = _KeepCompositions(hydra_context.config_loader)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from sweeplab.errors import ConfigError
         from sweeplab.interrupt import Interrupted, SignalGuard
         from sweeplab.stacked_task import run_stack
         from sweeplab.stacking import group, shape_id
+        from sweeplab.train import DivergedError
 
         setup_globals()
         assert self.config is not None
@@ -70,6 +72,9 @@ class StackedLauncher(Launcher):
                 except Interrupted as stop:  # every member checkpointed and ended KILLED
                     log.error("%s", stop)
                     raise SystemExit(stop.exit_code) from None
+                except (ConfigError, DivergedError) as exc:  # sweep.on_error=raise: the parent FAILED
+                    log.error("%s", exc)
+                    raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
                 for i, objective in zip(members, objectives, strict=True):
                     jobs[i].return_value = objective
         return jobs
