@@ -16,7 +16,7 @@ from conftest import SWEEPLAB, run_cli
 from sweeplab.data import load_data
 from sweeplab.models import MLP, MODELS
 from sweeplab.optimizers import OPTIMIZERS
-from sweeplab.stack import StackedModel, stack_optimizers
+from sweeplab.stack import NotStackable, StackedModel, stack_optimizers
 from sweeplab.stacking import group, stackable
 from sweeplab.summary import objective_vs
 from sweeplab.train import evaluate
@@ -310,13 +310,19 @@ def test_a_model_without_a_stacked_form_runs_its_own_forward_per_member() -> Non
         torch.testing.assert_close(stacked[k], model(x[k]))
 
 
-def test_batchnorm_members_train_one_after_another(tmp_path: Path) -> None:
-    grid = ["model=mlp", "model.norm=batchnorm", "optimizer.lr=0.1,0.05", *SMALL, *QUIET]
-    out = _sweep([*STACKED, *grid], tmp_path).stdout
-    assert "BatchNorm1d (hidden1.1) has no stacked form; its 2 members train one after another" in out
-    children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}").values()
-    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
-    assert not any("sweeplab.stack" in r.data.tags for r in children)
+def test_batchnorm_members_stack_through_vmap_and_match_solo_runs(tmp_path: Path) -> None:
+    """BatchNorm has no stacked form: the MLP then runs its own forward per member under
+    torch.vmap, running statistics included, and ends where solo runs end."""
+    grid = ["model=mlp", "model.norm=batchnorm", "model.dropout=0", "optimizer.lr=0.1,0.05", *SMALL, *QUIET]
+    _sweep([*STACKED, *grid], tmp_path / "stacked")
+    _sweep([*FORK, *grid], tmp_path / "fork")
+    stacked = _children(f"sqlite:///{tmp_path / 'stacked' / 'mlflow.db'}")
+    forked = _children(f"sqlite:///{tmp_path / 'fork' / 'mlflow.db'}")
+    assert len(stacked) == 2 and {r.data.tags["sweeplab.stack_size"] for r in stacked.values()} == {"2"}
+    for overrides, run in stacked.items():
+        assert run.data.metrics["test/acc"] == pytest.approx(
+            forked[overrides].data.metrics["test/acc"], abs=0.002
+        )
 
 
 def test_a_diverging_member_under_on_error_raise_stops_its_stack_with_one_line(tmp_path: Path) -> None:
@@ -329,3 +335,19 @@ def test_a_diverging_member_under_on_error_raise_stops_its_stack_with_one_line(t
     assert children["1000000.0"].data.tags["sweeplab.failure"].startswith("DivergedError: train/loss")
     assert "sweep.on_error=raise stops its stack" in children["0.05"].data.tags["sweeplab.failure"]
     assert {r.info.status for r in children.values()} == {"FAILED"}
+
+
+class _Branching(torch.nn.Module):
+    """Python control flow on a tensor's value: torch.vmap cannot batch ``.item()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x) if x.sum().item() >= 0 else -self.out(x)
+
+
+def test_a_model_vmap_cannot_batch_is_refused_before_training() -> None:
+    with pytest.raises(NotStackable, match="_Branching cannot run under torch.vmap"):
+        StackedModel([_Branching(), _Branching()], 5)

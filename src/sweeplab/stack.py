@@ -1,9 +1,10 @@
 """K same-shaped models trained as one program: stacked weights, one batched step.
 
 Each member is an ordinary model built by the registry (its own seed, so its own initial weights);
-``StackedModel`` stacks their parameters along a new leading dimension and runs the registered
-module's own ``forward`` on every member at once (``torch.func.functional_call`` under
-``torch.vmap``, dropout drawing different masks per member). ``StackedSGD`` and ``StackedAdam``
+``StackedModel`` stacks their parameters along a new leading dimension (``torch.func``'s
+``stack_module_state``) and runs every member at once: the registered models through their
+``stacked_forward`` (batched matrix products), any other model through its own ``forward`` under
+``torch.vmap``; dropout draws different masks per member. ``StackedSGD`` and ``StackedAdam``
 step the stacked parameters with per-member hyperparameters read from each member's own optimizer,
 by the update rules of ``torch.optim.SGD``, ``Adam`` and ``AdamW``.
 
@@ -26,8 +27,9 @@ class StackedModel:
 
     A model with a ``stacked_forward(stacked, x)`` method (the registered ones) runs it: batched
     matrix products over the stacked weights (``layers`` knows Linear, LayerNorm, Dropout with each
-    member's rate, the activations, Sequential). Any other model runs its own ``forward`` per
-    member under ``torch.vmap`` (generic, slower on CPU).
+    member's rate, the activations, Sequential). Any other model, or one with a layer ``layers``
+    does not know (BatchNorm), runs its own ``forward`` per member under ``torch.vmap`` (generic,
+    slower on CPU); one that vmap cannot run either is ``NotStackable``.
     """
 
     def __init__(self, members: list[nn.Module], in_features: int) -> None:
@@ -41,19 +43,37 @@ class StackedModel:
         self.base = copy.deepcopy(members[0]).to("meta")  # the module whose forward every member runs
         self.training = True
         self._rates: dict[str, torch.Tensor] = {}
+        self._own = getattr(self.base, "stacked_forward", None)
+        try:
+            self._dry_run(in_features)
+        except NotStackable:  # a layer without a stacked form (BatchNorm): the generic way
+            if self._own is None:
+                raise
+            self._own = None
+            self._dry_run(in_features)
+
+    def _dry_run(self, in_features: int) -> None:
+        """One training-mode forward on zeros, so that a model that cannot be stacked fails
+        before any run is opened; the random generators and the buffers are left as they were."""
         device = next(iter(self.params.values())).device
-        try:  # fail now, before any run is opened, rather than at the first batch
-            self(torch.zeros(len(members), 2, in_features, device=device))
+        saved = {name: buffer.clone() for name, buffer in self.buffers.items()}
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self(torch.zeros(len(self.members), 2, in_features, device=device))
         except NotStackable:
             raise
         except Exception as exc:  # what torch.vmap cannot batch (in-place buffer updates...)
-            raise NotStackable(f"{type(members[0]).__name__} cannot run under torch.vmap: {exc}") from exc
+            raise NotStackable(
+                f"{type(self.members[0]).__name__} cannot run under torch.vmap: {exc}"
+            ) from exc
+        finally:
+            for name, buffer in saved.items():
+                self.buffers[name].copy_(buffer)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: one batch per member, ``(K, batch, features)``; logits ``(K, batch, classes)``."""
-        own = getattr(self.base, "stacked_forward", None)
-        if own is not None:
-            return own(self, x)
+        if self._own is not None:
+            return self._own(self, x)
         self.base.train(self.training)
         return torch.vmap(self._forward_one, randomness="different")(self.params, self.buffers, x)
 
