@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.entities import RunStatus
 
@@ -72,7 +73,7 @@ def test_parallel_sweep_on_fresh_store_then_skip_then_rerun_missing(tmp_path: Pa
     }
     table = client.download_artifacts(parent.info.run_id, "summary/sweep.csv", str(tmp_path))
     lines = Path(table).read_text().splitlines()
-    assert lines[0].startswith("run_id,run_name,status,origin,model,optimizer.lr,val/acc")
+    assert lines[0].startswith("run_id,run_name,status,origin,config_hash,model,optimizer.lr,val/acc")
     assert lines[1].startswith(best.info.run_id) and len(lines) == 9
 
     # the same command again: every job is already FINISHED
@@ -228,3 +229,14 @@ def test_sweep_against_a_tracking_server(tmp_path: Path, monkeypatch: pytest.Mon
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_killed_run_whose_config_finished_later_is_not_left_to_resume() -> None:
+    """A job killed before its first checkpoint trains again in a new run: the old KILLED run
+    no longer keeps the sweep's parent KILLED."""
+    from sweeplab.summary import unfinished_killed
+
+    table = pd.DataFrame(
+        {"status": ["KILLED", "FINISHED", "KILLED", "FAILED"], "config_hash": ["a", "a", "b", "c"]}
+    )
+    assert unfinished_killed(table) == 1

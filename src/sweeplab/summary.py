@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from sweeplab.record import TAG_BEST_RUN_ID, TAG_BEST_RUN_NAME, TAG_PARENT, TAG_REUSED
+from sweeplab.record import TAG_BEST_RUN_ID, TAG_BEST_RUN_NAME, TAG_HASH, TAG_PARENT, TAG_REUSED
 from sweeplab.schema import SweepConfig
 from sweeplab.tracking import RunLog
 
@@ -49,12 +49,21 @@ def sweep_table(
             "run_name": run.info.run_name,
             "status": run.info.status,
             "origin": origin,
+            "config_hash": run.data.tags.get(TAG_HASH),
         }
         row |= {key: _value(params.get(key, params.get(f"choice.{key}"))) for key in swept}
         row |= {m: run.data.metrics.get(m, math.nan) for m in metrics}
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["run_id", "run_name", "status", "origin", *swept, *metrics])
+    columns = ["run_id", "run_name", "status", "origin", "config_hash", *swept, *metrics]
+    table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(objective, ascending=direction == "minimize", na_position="last", kind="stable")
+
+
+def unfinished_killed(table: pd.DataFrame) -> int:
+    """KILLED children whose config has no FINISHED run: what a re-run still has to resume. (A
+    job killed before its first checkpoint trains again in a new run, leaving the old one.)"""
+    finished = set(table.config_hash[table.status == "FINISHED"])
+    return int(((table.status == "KILLED") & ~table.config_hash.isin(finished)).sum())
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -207,7 +216,7 @@ def summarize(
         "sweep/children": len(runs),
         "sweep/finished": int((table.status == "FINISHED").sum()),
         "sweep/failed": int((table.status == "FAILED").sum()),
-        "sweep/killed": int((table.status == "KILLED").sum()),
+        "sweep/killed": unfinished_killed(table),
         "sweep/reused": len(reused),
     }
     finished = table[(table.status == "FINISHED") & table[sweep.objective].notna()]

@@ -95,7 +95,7 @@ class MlflowSweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from sweeplab.summary import summarize
+        from sweeplab.summary import summarize, unfinished_killed
         from sweeplab.tracking import RunLog, Tracker
 
         parent_id = os.environ.pop(ENV_PARENT_RUN, None)
@@ -105,7 +105,7 @@ class MlflowSweepCallback(Callback):
         sweep: SweepConfig = OmegaConf.to_object(config.sweep)
         tracker = Tracker(tracking, Path(config.hydra.runtime.cwd), os.environ, parent_run_id=parent_id)
         table = summarize(tracker.client, parent_id, tracker.experiment_id, swept_keys(config), sweep)
-        killed = int((table.status == "KILLED").sum())
+        killed = unfinished_killed(table)
         status = "KILLED" if killed else "FINISHED"  # KILLED: the same command resumes the sweep
         reason = f"{killed} job(s) stopped before finishing: re-run the same command to resume them"
         RunLog(tracker.client, parent_id).end(status, reason if killed else None)
