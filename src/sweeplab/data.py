@@ -142,16 +142,27 @@ def _idx_split(name: str, root: str, train: bool, download: bool) -> tuple[Split
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file of unsigned bytes as an array of its shape, after checking its size."""
-    _check_idx_size(path)
+    """An IDX file of unsigned bytes as an array of its shape. Its header gives its element type
+    and shape, so its size is known: a truncated or padded file is named here, instead of failing
+    inside the reshape."""
     with path.open("rb") as handle:
-        kind, ndim = handle.read(4)[2:]
+        header = handle.read(4)
+        if len(header) < 4 or header[:2] != b"\0\0" or header[2] not in _IDX_ITEM_SIZE:
+            raise ConfigError(f"{path} is not an IDX file (its first bytes are {header!r}). {_REPLACE}")
+        kind, ndim = header[2], header[3]
+        dims = handle.read(4 * ndim)
+        shape = [int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4)]
+        expected = 4 + 4 * ndim + _IDX_ITEM_SIZE[kind] * math.prod(shape)
+        size = path.stat().st_size
+        if size != expected:
+            raise ConfigError(
+                f"{path} is truncated or corrupt: {size} bytes, expected {expected} for its "
+                f"{'x'.join(map(str, shape))} array. {_REPLACE}"
+            )
         if kind != 0x08:
             raise ConfigError(
                 f"{path} holds IDX type 0x{kind:02x}, not the unsigned bytes of MNIST. {_REPLACE}"
             )
-        dims = handle.read(4 * ndim)
-        shape = [int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4)]
         return np.fromfile(handle, np.uint8).reshape(shape)
 
 
@@ -175,26 +186,6 @@ def _torchvision_download(name: str, root: str, train: bool, download: bool) -> 
             "SWEEPLAB_DATA_DIR) at the folder that holds "
             f"{name}/raw, or use data=digits, which works offline."
         ) from exc
-
-
-def _check_idx_size(path: Path) -> None:
-    """An IDX file's header gives its element type and shape, so its size is known: a truncated
-    or padded file is named here, instead of failing inside the reader with a reshape error."""
-    if not path.is_file():
-        return  # missing: the reader downloads it, or says where to put it
-    with path.open("rb") as handle:
-        header = handle.read(4)
-        if len(header) < 4 or header[:2] != b"\0\0" or header[2] not in _IDX_ITEM_SIZE:
-            raise ConfigError(f"{path} is not an IDX file (its first bytes are {header!r}). {_REPLACE}")
-        dims = handle.read(4 * header[3])
-    shape = [int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4)]
-    expected = 4 + 4 * header[3] + _IDX_ITEM_SIZE[header[2]] * math.prod(shape)
-    size = path.stat().st_size
-    if size != expected:
-        raise ConfigError(
-            f"{path} is truncated or corrupt: {size} bytes, expected {expected} for its "
-            f"{'x'.join(map(str, shape))} array. {_REPLACE}"
-        )
 
 
 # IDX element type code -> bytes per element (unsigned/signed byte, short, int, float, double)
