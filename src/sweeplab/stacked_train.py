@@ -23,8 +23,8 @@ from sweeplab.data import Data
 from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.schema import TrainerConfig
 from sweeplab.stack import StackedModel, StackedOptimizer, stack_optimizers
-from sweeplab.state import History, MetricRows, TrainingState
-from sweeplab.train import DivergedError, evaluate, steps_per_epoch
+from sweeplab.state import MetricRows, TrainingState
+from sweeplab.train import DivergedError, close_epoch, final_history, step_weights, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ def fit_stack(
     accs = torch.zeros_like(losses)
     for row, s in enumerate(states):  # each member's progress reads its row of the stack's
         s.progress.step_loss, s.progress.step_acc = losses[row], accs[row]
-    weights = torch.full((per_epoch,), float(batch))
-    if not cfg.drop_last:
-        weights[-1] = n - batch * (per_epoch - 1)
+    weights = step_weights(n, cfg)
     window, step = cfg.log_every_n_steps, 0
     with warnings.catch_warnings():
         # each member's own optimizer never steps (the stack steps for it): a schedule's first
@@ -106,13 +104,9 @@ def fit_stack(
                 _write_back(members, stacked, optimizer, epoch - 1, step)
                 raise
             _write_back(members, stacked, optimizer, epoch, step)
-            _epoch_end(members, data, cfg, epoch, step, per_epoch, weights, time.perf_counter() - started)
-    for member in members:  # the whole run's per-step curves, for the figures
-        history, progress = member.state.progress.history, member.state.progress
-        history.step_loss, history.step_acc = (
-            progress.step_loss.cpu().numpy(),
-            progress.step_acc.cpu().numpy(),
-        )
+            _epoch_end(members, data, cfg, epoch, weights, time.perf_counter() - started)
+    for member in members:
+        final_history(member.state.progress)
 
 
 def _check_finite(members: list[Member], loss: torch.Tensor, where: str) -> None:
@@ -138,51 +132,23 @@ def _epoch_end(
     data: Data,
     cfg: TrainerConfig,
     epoch: int,
-    step: int,
-    per_epoch: int,
     weights: torch.Tensor,
     train_seconds: float,
 ) -> None:
-    """Per living member: the epoch's metrics from its own rows, validation with its own model,
-    rows to its record (which checkpoints, then logs them)."""
-    window = cfg.log_every_n_steps
+    """Per living member, as ``train.fit`` ends an epoch: its metrics from its own rows,
+    validation with its own model, rows to its record (which checkpoints, then logs them)."""
     for member in members:
         if not member.alive:
             continue
-        progress = member.state.progress
-        losses, accs = progress.step_loss[:step].cpu(), progress.step_acc[:step].cpu()
-        epoch_losses, epoch_accs = losses[-per_epoch:], accs[-per_epoch:]
-        if not torch.isfinite(epoch_losses).all():
+        state = member.state
+        try:
+            rows, metrics = close_epoch(state.model, state.progress, data, cfg, epoch, weights, train_seconds)
+        except DivergedError as error:
             member.alive = False
-            member.failed(DivergedError(f"train/loss became non-finite in epoch {epoch}: lower optimizer.lr"))
+            member.failed(error)
             continue
-        history: History = progress.history
-        history.train_seconds += train_seconds
-        rows: MetricRows = [
-            (
-                s,
-                {
-                    "train/loss": float(losses[s - window : s].mean()),
-                    "train/acc": float(accs[s - window : s].mean()),
-                    "train/lr": lr,
-                },
-            )
-            for s, lr in progress.lrs.items()
-        ]
-        metrics = {
-            "train/epoch_loss": float((epoch_losses * weights).sum() / weights.sum()),
-            "train/epoch_acc": float((epoch_accs * weights).sum() / weights.sum()),
-            "throughput/samples_per_s": len(data.train) / train_seconds,
-        }
-        if len(data.val):
-            val = evaluate(member.state.model, data.val, cfg.eval_batch_size)
-            history.val_loss.append(val.loss)
-            history.val_acc.append(val.acc)
-            metrics |= {"val/loss": val.loss, "val/acc": val.acc}
-        metrics["time/epoch_s"] = train_seconds
-        history.epoch_end_steps.append(step)
-        progress.order, progress.lrs = None, {}
-        member.log_rows([*rows, (step, metrics)])
+        metrics["time/epoch_s"] = train_seconds  # the stack's, shared
+        member.log_rows([*rows, (state.progress.step, metrics)])
     alive = [m for m in members if m.alive]
     vals = [m.state.progress.history.val_acc[-1] for m in alive if m.state.progress.history.val_acc]
     best = max(vals, default=None)

@@ -20,7 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sweeplab.data import Data, Split
 from sweeplab.interrupt import SignalGuard
 from sweeplab.schema import TrainerConfig
-from sweeplab.state import History, MetricRows, TrainingState
+from sweeplab.state import History, MetricRows, Progress, TrainingState
 from sweeplab.step import make_step
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,8 @@ def fit(
     n, batch = len(train), cfg.batch_size
     per_epoch = steps_per_epoch(n, cfg)
     device = train.x.device
-    step_loss, step_acc, history = progress.step_loss, progress.step_acc, progress.history
-    # per-step weights turn batch means into exact epoch means when the last batch is smaller
-    weights = torch.full((per_epoch,), float(batch))
-    if not cfg.drop_last:
-        weights[-1] = n - batch * (per_epoch - 1)
+    step_loss, step_acc = progress.step_loss, progress.step_acc
+    weights = step_weights(n, cfg)
     window = cfg.log_every_n_steps
     step = progress.step
     bar = tqdm(total=len(step_loss), initial=step, unit="step", disable=not sys.stderr.isatty(), leave=False)
@@ -111,39 +108,74 @@ def fit(
                 progress.step = step
                 bar.update()
                 stop.raise_if_requested()
-            losses, accs = step_loss[:step].cpu(), step_acc[:step].cpu()  # the epoch's one sync
             train_seconds = time.perf_counter() - started
-            history.train_seconds += train_seconds
-            epoch_losses, epoch_accs = losses[-per_epoch:], accs[-per_epoch:]
-            if not torch.isfinite(epoch_losses).all():
-                raise DivergedError(f"train/loss became non-finite in epoch {epoch}: lower optimizer.lr")
-            rows: MetricRows = [
-                (
-                    s,
-                    {
-                        "train/loss": float(losses[s - window : s].mean()),
-                        "train/acc": float(accs[s - window : s].mean()),
-                        "train/lr": lr,
-                    },
-                )
-                for s, lr in lrs.items()
-            ]
-            epoch_metrics = {
-                "train/epoch_loss": float((epoch_losses * weights).sum() / weights.sum()),
-                "train/epoch_acc": float((epoch_accs * weights).sum() / weights.sum()),
-                "throughput/samples_per_s": n * (per_epoch - first) / per_epoch / train_seconds,
-            }
-            if len(data.val):
-                val = evaluate(model, data.val, cfg.eval_batch_size)
-                history.val_loss.append(val.loss)
-                history.val_acc.append(val.acc)
-                epoch_metrics |= {"val/loss": val.loss, "val/acc": val.acc}
+            rows, epoch_metrics = close_epoch(
+                model, progress, data, cfg, epoch, weights, train_seconds, first
+            )
             epoch_metrics["time/epoch_s"] = time.perf_counter() - started
-            history.epoch_end_steps.append(step)
-            progress.epoch, progress.order, progress.lrs = epoch, None, {}
             log_rows([*rows, (step, epoch_metrics)])
             summary = " | ".join(f"{k} {v:.4g}" for k, v in epoch_metrics.items())
             log.info("epoch %d/%d | %s", epoch, cfg.epochs, summary)
-    history.step_loss = step_loss.cpu().numpy()
-    history.step_acc = step_acc.cpu().numpy()
+    return final_history(progress)
+
+
+def step_weights(n_samples: int, cfg: TrainerConfig) -> torch.Tensor:
+    """Per-step weights that turn batch means into exact epoch means when the last batch is
+    smaller."""
+    per_epoch = steps_per_epoch(n_samples, cfg)
+    weights = torch.full((per_epoch,), float(cfg.batch_size))
+    if not cfg.drop_last:
+        weights[-1] = n_samples - cfg.batch_size * (per_epoch - 1)
+    return weights
+
+
+def close_epoch(
+    model: nn.Module,
+    progress: Progress,
+    data: Data,
+    cfg: TrainerConfig,
+    epoch: int,
+    weights: torch.Tensor,
+    train_seconds: float,
+    first: int = 0,
+) -> tuple[MetricRows, dict[str, float]]:
+    """Bring ``progress`` to the end of ``epoch`` (at ``progress.step``): the windowed per-step
+    rows and the epoch's metrics, validation by ``model`` included. ``first``: the step of the
+    epoch training resumed at. Raises ``DivergedError`` if a step's loss was not finite."""
+    step, window, history = progress.step, cfg.log_every_n_steps, progress.history
+    losses, accs = progress.step_loss[:step].cpu(), progress.step_acc[:step].cpu()  # the epoch's one sync
+    epoch_losses, epoch_accs = losses[-len(weights) :], accs[-len(weights) :]
+    if not torch.isfinite(epoch_losses).all():
+        raise DivergedError(f"train/loss became non-finite in epoch {epoch}: lower optimizer.lr")
+    history.train_seconds += train_seconds
+    rows: MetricRows = [
+        (
+            s,
+            {
+                "train/loss": float(losses[s - window : s].mean()),
+                "train/acc": float(accs[s - window : s].mean()),
+                "train/lr": lr,
+            },
+        )
+        for s, lr in progress.lrs.items()
+    ]
+    metrics = {
+        "train/epoch_loss": float((epoch_losses * weights).sum() / weights.sum()),
+        "train/epoch_acc": float((epoch_accs * weights).sum() / weights.sum()),
+        "throughput/samples_per_s": len(data.train) * (len(weights) - first) / len(weights) / train_seconds,
+    }
+    if len(data.val):
+        val = evaluate(model, data.val, cfg.eval_batch_size)
+        history.val_loss.append(val.loss)
+        history.val_acc.append(val.acc)
+        metrics |= {"val/loss": val.loss, "val/acc": val.acc}
+    history.epoch_end_steps.append(step)
+    progress.epoch, progress.order, progress.lrs = epoch, None, {}
+    return rows, metrics
+
+
+def final_history(progress: Progress) -> History:
+    """The run's history with its per-step curves, for figures and summaries."""
+    history = progress.history
+    history.step_loss, history.step_acc = progress.step_loss.cpu().numpy(), progress.step_acc.cpu().numpy()
     return history
