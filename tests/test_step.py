@@ -23,7 +23,7 @@ from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.seeding import seed_everything
 from sweeplab.state import Progress, TrainingState
-from sweeplab.step import EagerStep, GraphCaptureError, GraphStep, make_capturable, make_step
+from sweeplab.step import EagerStep, GraphCaptureError, GraphStep, Step, make_capturable, make_step
 from sweeplab.train import fit, steps_per_epoch
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -78,6 +78,16 @@ def _state(cfg: DictConfig, device: str = "cpu") -> tuple[TrainingState, object]
     scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
     progress = Progress.start(per_epoch * trainer.epochs, torch.device(device))
     return TrainingState(model, optimizer, scheduler, generator, progress), data
+
+
+def _steps(cfg: DictConfig, recorder: Replayed | None = None) -> tuple[TrainingState, Callable[[str], Step]]:
+    """The training state ``cfg`` builds, and ``make_step`` for it by ``trainer.cuda_graph`` value."""
+    state, data = _state(cfg)
+
+    def steps(setting: str) -> Step:
+        return make_step(setting, state.model, state.optimizer, state.scheduler, data.train, 64, recorder)
+
+    return state, steps
 
 
 # 1400 training samples (1500 minus 100 for validation) in batches of 64: 21 full batches and a
@@ -166,10 +176,8 @@ def test_interrupted_between_replays_resumes_to_the_uninterrupted_result(
 def test_a_step_that_cannot_be_captured_trains_eagerly_under_auto_and_fails_under_true(
     compose_cfg, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = compose_cfg([*SMALL, "trainer.epochs=1"])
-    state, data = _state(cfg)
-    args = (state.model, state.optimizer, state.scheduler, data.train, 64, CannotCapture())
-    step = make_step("auto", *args)
+    state, steps = _steps(compose_cfg([*SMALL, "trainer.epochs=1"]), CannotCapture())
+    step = steps("auto")
     before = [p.clone() for p in state.model.parameters()]
     with caplog.at_level(logging.WARNING, "sweeplab.step"):
         for i in range(4):
@@ -178,7 +186,7 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_under_auto_and_fails_unde
     assert "could not be captured, training eagerly: operation not permitted" in caplog.text
     assert not any(torch.equal(a, b) for a, b in zip(before, state.model.parameters(), strict=True))
 
-    step = make_step("true", *args)
+    step = steps("true")
     with pytest.raises(
         GraphCaptureError, match="trainer.cuda_graph=true: the training step could not be captured"
     ):
@@ -190,24 +198,20 @@ def test_a_schedule_that_cycles_momentum_is_not_captured(
     compose_cfg, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One-cycle sets the momentum every step; a graph would keep the captured value."""
-    cfg = compose_cfg([*SMALL, "scheduler=onecycle"])
-    state, data = _state(cfg)
-    args = (state.model, state.optimizer, state.scheduler, data.train, 64, Replayed())
+    _, steps = _steps(compose_cfg([*SMALL, "scheduler=onecycle"]), Replayed())
     with caplog.at_level(logging.INFO, "sweeplab.step"):
-        assert isinstance(make_step("auto", *args), EagerStep)
+        assert isinstance(steps("auto"), EagerStep)
     assert "OneCycleLR changes the momentum every step" in caplog.text
     with pytest.raises(ConfigError, match="use trainer.cuda_graph=auto or false"):
-        make_step("true", *args)
+        steps("true")
 
 
 def test_auto_is_eager_off_cuda_and_true_needs_cuda(compose_cfg) -> None:
-    cfg = compose_cfg([*SMALL])
-    state, data = _state(cfg)
-    args = (state.model, state.optimizer, state.scheduler, data.train, 64)
-    assert isinstance(make_step("auto", *args), EagerStep)
-    assert isinstance(make_step("false", *args), EagerStep)
+    _, steps = _steps(compose_cfg([*SMALL]))
+    assert isinstance(steps("auto"), EagerStep)
+    assert isinstance(steps("false"), EagerStep)
     with pytest.raises(ConfigError, match="trainer.cuda_graph=true needs a CUDA device, not cpu"):
-        make_step("true", *args)
+        steps("true")
 
 
 @CUDA
