@@ -37,6 +37,9 @@ from sweeplab.schema import SweepConfig, TrackingConfig
 # Hydra instantiates the callback for every run, multirun or not: MLflow, pandas and matplotlib
 # are imported where a sweep needs them, so that a single run's config error returns at once.
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
     from sweeplab.resume import ResumePoint
     from sweeplab.tracking import Tracker
 
@@ -177,20 +180,14 @@ def end_dead_job(overrides: list[str], reason: str) -> None:
     the job; a job that died before opening its run has nothing to end."""
     from mlflow import MlflowClient
 
-    from sweeplab.tracking import RunLog
 
     parent_id = os.environ.get(ENV_PARENT_RUN)
     if not parent_id:
         return
     client = MlflowClient(os.environ[ENV_URI])
     joined = " ".join(overrides).replace("'", "\\'")
-    left_running = client.search_runs(
-        [client.get_run(parent_id).info.experiment_id],
-        f"tags.`{TAG_PARENT}` = '{parent_id}' and tags.`{TAG_OVERRIDES}` = '{joined}' "
-        "and attributes.status = 'RUNNING'",
-    )
-    for run in left_running:
-        RunLog(client, run.info.run_id).end("KILLED", reason)
+    parent = client.get_run(parent_id)
+    _kill_running_children(client, parent, reason, f" and tags.`{TAG_OVERRIDES}` = '{joined}'")
 
 
 def _end_parent(job: Job, status: str, reason: str) -> None:
@@ -217,13 +214,8 @@ def _end_abandoned_sweep(parent_id: str) -> None:
     parent = client.get_run(parent_id)
     if parent.info.status != "RUNNING":  # a job already ended it (sweep.on_error=raise, Ctrl-C)
         return
-    left_running = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`{TAG_PARENT}` = '{parent_id}' and attributes.status = 'RUNNING'",
-    )
     reason = "the sweep stopped before this job ended: re-run the same command to resume it"
-    for run in left_running:
-        RunLog(client, run.info.run_id).end("KILLED", reason)
+    left_running = _kill_running_children(client, parent, reason)
     RunLog(client, parent_id).end(
         "KILLED", f"the sweep stopped early; {len(left_running)} job(s) left unfinished"
     )
@@ -234,3 +226,19 @@ def _end_abandoned_sweep(parent_id: str) -> None:
         len(left_running),
         ", ".join(run.info.run_name for run in left_running) or "none",
     )
+
+
+def _kill_running_children(
+    client: "MlflowClient", parent: "Run", reason: str, where: str = ""
+) -> list["Run"]:
+    """End KILLED, with ``reason``, the children of ``parent`` still RUNNING (``where``: a
+    further filter); return them."""
+    from sweeplab.tracking import RunLog
+
+    left_running = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{TAG_PARENT}` = '{parent.info.run_id}' and attributes.status = 'RUNNING'{where}",
+    )
+    for run in left_running:
+        RunLog(client, run.info.run_id).end("KILLED", reason)
+    return left_running
