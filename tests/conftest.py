@@ -10,13 +10,18 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 # importing the registries stores every group's schema in Hydra's ConfigStore, as the CLI does
 from sweeplab import CONFIG_MODULE, data, models, optimizers, schedulers  # noqa: F401
+from sweeplab.data import Data, load_data
 from sweeplab.job import Job
+from sweeplab.seeding import seed_everything
+from sweeplab.state import Progress, TrainingState
+from sweeplab.train import steps_per_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -41,6 +46,22 @@ def compose_cfg() -> Iterator[Callable[[list[str]], DictConfig]]:
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         yield lambda overrides: compose("config", overrides=overrides)
     GlobalHydra.instance().clear()
+
+
+def training_state(
+    cfg: DictConfig, device: str = "cpu", loaded: Data | None = None
+) -> tuple[TrainingState, Data]:
+    """What ``sweeplab.phases.build`` makes for ``cfg`` (on ``loaded`` data, if given), without a
+    run around it."""
+    generator = seed_everything(cfg.seed)
+    loaded = loaded or load_data(cfg.data, torch.device(device))
+    trainer = OmegaConf.to_object(cfg.trainer)
+    model = models.MODELS.build(cfg.model, loaded.in_features, len(loaded.classes)).to(device)
+    optimizer = optimizers.OPTIMIZERS.build(cfg.optimizer, model.parameters())
+    per_epoch = steps_per_epoch(len(loaded.train), trainer)
+    scheduler = schedulers.SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
+    progress = Progress.start(per_epoch * trainer.epochs, torch.device(device))
+    return TrainingState(model, optimizer, scheduler, generator, progress), loaded
 
 
 @pytest.fixture(scope="session")

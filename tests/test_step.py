@@ -1,8 +1,8 @@
 """The training step: eager, or captured as a CUDA graph and replayed.
 
-On CPU, ``Replayed`` stands in for CUDA graphs with their semantics (capture records without
-running; a replay runs the recorded step on whatever the captured buffers hold), so the
-bookkeeping around a graph is checked here; the CUDA tests at the end need a GPU.
+On CPU, ``FrozenGraphs`` stands in for CUDA graphs with their semantics (a capture records the
+step's ops without running them; a replay reruns those ops and no Python), so the bookkeeping
+around a graph is checked here; the CUDA tests at the end need a GPU.
 """
 
 import logging
@@ -14,44 +14,16 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from conftest import training_state
+from frozen_graphs import CannotCapture, FrozenGraphs
 from sweeplab import train as train_module
-from sweeplab.data import load_data
 from sweeplab.errors import ConfigError
 from sweeplab.interrupt import Interrupted, SignalGuard
-from sweeplab.models import MODELS
-from sweeplab.optimizers import OPTIMIZERS
-from sweeplab.schedulers import SCHEDULERS
-from sweeplab.seeding import seed_everything
-from sweeplab.state import Progress, TrainingState
+from sweeplab.state import TrainingState
 from sweeplab.step import EagerStep, GraphCaptureError, GraphStep, Step, make_capturable, make_step
-from sweeplab.train import fit, steps_per_epoch
+from sweeplab.train import fit
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-class Replayed:
-    """A CUDA graph's contract on CPU: ``capture`` only records, ``replay`` reruns the record."""
-
-    def __init__(self) -> None:
-        self.warmups = self.captures = self.replays = 0
-
-    def warm_up(self, step: Callable[[], None]) -> None:
-        self.warmups += 1
-        step()
-
-    def capture(self, step: Callable[[], None]) -> Callable[[], None]:
-        self.captures += 1
-
-        def replay() -> None:
-            self.replays += 1
-            step()
-
-        return replay
-
-
-class CannotCapture(Replayed):
-    def capture(self, step: Callable[[], None]) -> Callable[[], None]:
-        raise RuntimeError("operation not permitted when stream is capturing")
 
 
 class StopAfter(SignalGuard):
@@ -67,22 +39,11 @@ class StopAfter(SignalGuard):
             raise Interrupted(signal.SIGINT, clean=True)
 
 
-def _state(cfg: DictConfig, device: str = "cpu") -> tuple[TrainingState, object]:
-    """What ``sweeplab.phases.build`` makes, without a run around it."""
-    generator = seed_everything(cfg.seed)
-    data = load_data(cfg.data, torch.device(device))
-    trainer = OmegaConf.to_object(cfg.trainer)
-    model = MODELS.build(cfg.model, data.in_features, len(data.classes)).to(device)
-    optimizer = OPTIMIZERS.build(cfg.optimizer, model.parameters())
-    per_epoch = steps_per_epoch(len(data.train), trainer)
-    scheduler = SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
-    progress = Progress.start(per_epoch * trainer.epochs, torch.device(device))
-    return TrainingState(model, optimizer, scheduler, generator, progress), data
-
-
-def _steps(cfg: DictConfig, recorder: Replayed | None = None) -> tuple[TrainingState, Callable[[str], Step]]:
+def _steps(
+    cfg: DictConfig, recorder: FrozenGraphs | None = None
+) -> tuple[TrainingState, Callable[[str], Step]]:
     """The training state ``cfg`` builds, and ``make_step`` for it by ``trainer.cuda_graph`` value."""
-    state, data = _state(cfg)
+    state, data = training_state(cfg)
 
     def steps(setting: str) -> Step:
         return make_step(setting, state.model, state.optimizer, state.scheduler, data.train, 64, recorder)
@@ -103,13 +64,32 @@ SMALL = [
 ]
 
 
-def _fit(cfg: DictConfig, recorder: Replayed | None, monkeypatch: pytest.MonkeyPatch, stop=None):
-    state, data = _state(cfg)
+def _fit(cfg: DictConfig, recorder: FrozenGraphs | None, monkeypatch: pytest.MonkeyPatch, stop=None):
+    state, data = training_state(cfg)
     rows: list = []
     if recorder is not None:
         monkeypatch.setattr(train_module, "make_step", partial(make_step, recorder=recorder))
     history = fit(state, data, OmegaConf.to_object(cfg.trainer), rows.extend, stop or SignalGuard())
     return state, history, rows
+
+
+def test_the_cpu_stand_in_replays_the_captured_ops_and_no_python() -> None:
+    """What the step tests rely on: a value Python computes is frozen at capture, the captured
+    tensors are what replays read and write, a capture changes nothing, a host sync fails."""
+    total, counter = torch.zeros(()), [1.0]
+
+    def step() -> None:
+        total.add_(counter[0])
+        counter[0] *= 10
+
+    graphs = FrozenGraphs()
+    replay = graphs.capture(step)
+    assert total.item() == 0
+    replay()
+    replay()
+    assert total.item() == 1 + 1  # eager steps would add 1 + 10: Python ran once, at capture
+    with pytest.raises(RuntimeError, match="host sync"):
+        graphs.capture(lambda: total.item())
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -120,7 +100,7 @@ def test_a_replayed_step_trains_exactly_like_eager_fused_steps(
     smaller last batch, the cosine schedule read through the lr tensor: the same numbers, to the
     bit, as eager steps with the same fused kernels; and close to the default (foreach) kernels."""
     cfg = compose_cfg([*SMALL, f"optimizer={optimizer}", "trainer.cuda_graph=true"])
-    recorder = Replayed()
+    recorder = FrozenGraphs()
     graphed, graphed_history, graphed_rows = _fit(cfg, recorder, monkeypatch)
     assert (recorder.warmups, recorder.captures, recorder.replays) == (2, 1, 3 * 21 - 2)
 
@@ -152,19 +132,19 @@ def test_interrupted_between_replays_resumes_to_the_uninterrupted_result(
     """A stop part-way through an epoch saves exactly that step; restored, the step is captured
     again and training ends where an uninterrupted run ends."""
     cfg = compose_cfg([*SMALL, "trainer.cuda_graph=true"])
-    full, full_history, _ = _fit(cfg, Replayed(), monkeypatch)
+    full, full_history, _ = _fit(cfg, FrozenGraphs(), monkeypatch)
 
-    state, data = _state(cfg)
-    monkeypatch.setattr(train_module, "make_step", partial(make_step, recorder=Replayed()))
+    state, data = training_state(cfg)
+    monkeypatch.setattr(train_module, "make_step", partial(make_step, recorder=FrozenGraphs()))
     trainer = OmegaConf.to_object(cfg.trainer)
     with pytest.raises(Interrupted):
         fit(state, data, trainer, lambda rows: None, StopAfter(20))
     assert state.progress.step == 20
     saved = state.state_dict()
 
-    restored, data = _state(cfg)
+    restored, data = training_state(cfg)
     restored.load_state_dict(saved)
-    recorder = Replayed()
+    recorder = FrozenGraphs()
     monkeypatch.setattr(train_module, "make_step", partial(make_step, recorder=recorder))
     history = fit(restored, data, trainer, lambda rows: None, SignalGuard())
     assert recorder.captures == 1
@@ -198,7 +178,7 @@ def test_a_schedule_that_cycles_momentum_is_not_captured(
     compose_cfg, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One-cycle sets the momentum every step; a graph would keep the captured value."""
-    _, steps = _steps(compose_cfg([*SMALL, "scheduler=onecycle"]), Replayed())
+    _, steps = _steps(compose_cfg([*SMALL, "scheduler=onecycle"]), FrozenGraphs())
     with caplog.at_level(logging.INFO, "sweeplab.step"):
         assert isinstance(steps("auto"), EagerStep)
     assert "OneCycleLR changes the momentum every step" in caplog.text
@@ -227,7 +207,7 @@ def test_cuda_graph_captures_every_registered_model_optimizer_and_schedule(
     results = {}
     for setting in ("true", "false"):
         cfg.trainer.cuda_graph = setting
-        state, data = _state(cfg, "cuda")
+        state, data = training_state(cfg, "cuda")
         results[setting] = fit(
             state, data, OmegaConf.to_object(cfg.trainer), lambda rows: None, SignalGuard()
         )
@@ -239,7 +219,7 @@ def test_cuda_graph_runs_are_deterministic(compose_cfg) -> None:
     cfg = compose_cfg([*SMALL, "model=mlp", "trainer.cuda_graph=true", "device=cuda"])
     losses = []
     for _ in range(2):
-        state, data = _state(cfg, "cuda")
+        state, data = training_state(cfg, "cuda")
         losses.append(
             fit(state, data, OmegaConf.to_object(cfg.trainer), lambda rows: None, SignalGuard()).step_loss
         )
