@@ -7,8 +7,9 @@ launch. What a replay reads lives in tensors it was captured with: the batch ind
 into ``GraphStep.indices`` before each replay, and the learning rate is a device tensor in the
 optimizer's param group, which schedulers ``fill_`` and the fused optimizer kernels read.
 
-``GraphStep`` is written against a ``Recorder`` (warm up, capture) so that its bookkeeping runs
-on CPU under a stand-in; ``CudaGraphs`` is the real one.
+``GraphStep`` wraps any eager step, a model's (``EagerStep``) or a stack's
+(``sweeplab.stacked_train``), and is written against a ``Recorder`` (warm up, capture) so that
+its bookkeeping runs on CPU under a stand-in; ``CudaGraphs`` is the real one.
 """
 
 import logging
@@ -29,7 +30,13 @@ log = logging.getLogger(__name__)
 StepOutput = tuple[torch.Tensor, torch.Tensor]  # the step's loss and accuracy, 0-dim, on the device
 
 
+class Clearable(Protocol):
+    def zero_grad(self) -> None: ...
+
+
 class Step(Protocol):
+    optimizer: Clearable
+
     def __call__(self, indices: torch.Tensor) -> StepOutput: ...
 
 
@@ -75,9 +82,12 @@ class CudaGraphs:
 
 
 class GraphStep:
-    """``EagerStep`` for ``warmup_steps`` full batches, then captured and replayed.
+    """An eager step for ``warmup_steps`` batches of the full shape, then captured and replayed.
 
-    A batch of another size (the epoch's last, with ``drop_last=false``) runs eagerly: it updates
+    ``eager`` is any step whose optimizer (``eager.optimizer``) can clear gradients: a model's
+    (``EagerStep``) or a stack's. ``indices`` is the full batch's index tensor (``(batch,)``,
+    or ``(members, batch)`` for a stack), ``outputs`` the shape of its loss and accuracy. Indices
+    of another shape (the epoch's last batch, with ``drop_last=false``) run eagerly: they update
     the same parameters and optimizer buffers in place, which the graph reads on its next replay.
     A capture that fails falls back to eager steps (``required=False``, with one log line) or
     raises (``required=True``).
@@ -85,17 +95,18 @@ class GraphStep:
 
     def __init__(
         self,
-        eager: EagerStep,
-        batch_size: int,
+        eager: Step,
+        indices: torch.Tensor,
+        outputs: tuple[int, ...],
         recorder: Recorder,
         *,
         required: bool,
         warmup_steps: int = 2,
     ) -> None:
-        device = eager.train.x.device
         self.eager, self.recorder, self.required = eager, recorder, required
-        self.indices = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.loss, self.acc = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.indices = indices
+        self.loss = torch.zeros(outputs, device=indices.device)
+        self.acc = torch.zeros(outputs, device=indices.device)
         self.warmup_left = warmup_steps
         self.replay: Callable[[], None] | None = None
         self.failed = False
@@ -106,7 +117,7 @@ class GraphStep:
         self.acc.copy_(acc)
 
     def __call__(self, indices: torch.Tensor) -> StepOutput:
-        if self.failed or len(indices) != len(self.indices):
+        if self.failed or indices.shape != self.indices.shape:
             return self.eager(indices)
         self.indices.copy_(indices)
         if self.replay is None:
@@ -132,7 +143,7 @@ class GraphStep:
                 "trainer.cuda_graph=auto: the training step could not be captured, training eagerly: %s", exc
             )
             self.failed = True
-            self.eager.optimizer.zero_grad(set_to_none=True)  # gradients the failed capture left
+            self.eager.optimizer.zero_grad()  # gradients the failed capture left
 
 
 class GraphCaptureError(ConfigError):
@@ -184,10 +195,8 @@ def make_step(
     insists (an error where it cannot), ``false`` never. ``recorder`` replaces CUDA graphs in tests."""
     eager = EagerStep(model, optimizer, train)
     device = train.x.device
-    if setting == "false" or (setting == "auto" and recorder is None and device.type != "cuda"):
+    if not wants_graph(setting, device, recorder):
         return eager
-    if setting == "true" and recorder is None and device.type != "cuda":
-        raise ConfigError(f"trainer.cuda_graph=true needs a CUDA device, not {device}: use auto or false")
     reason = unsupported(optimizer, scheduler)
     if reason:
         if setting == "true":
@@ -197,4 +206,20 @@ def make_step(
         log.info("trainer.cuda_graph=auto: training eagerly, %s", reason)
         return eager
     make_capturable(optimizer, device)
-    return GraphStep(eager, batch_size, recorder or CudaGraphs(), required=setting == "true")
+    return graphed(setting, eager, torch.zeros(batch_size, dtype=torch.long, device=device), (), recorder)
+
+
+def wants_graph(setting: str, device: torch.device, recorder: Recorder | None) -> bool:
+    """Whether ``trainer.cuda_graph`` asks for a graph on ``device``; ``true`` off CUDA is an error."""
+    if setting == "false" or (setting == "auto" and recorder is None and device.type != "cuda"):
+        return False
+    if setting == "true" and recorder is None and device.type != "cuda":
+        raise ConfigError(f"trainer.cuda_graph=true needs a CUDA device, not {device}: use auto or false")
+    return True
+
+
+def graphed(
+    setting: str, eager: Step, indices: torch.Tensor, outputs: tuple[int, ...], recorder: Recorder | None
+) -> GraphStep:
+    """``eager`` replayed from a CUDA graph (or ``recorder``'s stand-in), as ``setting`` requires."""
+    return GraphStep(eager, indices, outputs, recorder or CudaGraphs(), required=setting == "true")

@@ -180,7 +180,6 @@ def end_dead_job(overrides: list[str], reason: str) -> None:
     the job; a job that died before opening its run has nothing to end."""
     from mlflow import MlflowClient
 
-
     parent_id = os.environ.get(ENV_PARENT_RUN)
     if not parent_id:
         return
