@@ -4,6 +4,8 @@ import os
 import re
 import signal
 import subprocess
+import warnings
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -11,16 +13,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import SWEEPLAB, run_cli
+from conftest import SWEEPLAB, run_cli, training_state
+from frozen_graphs import FrozenGraphs
+from sweeplab import stacked_train
 from sweeplab.data import load_data
+from sweeplab.interrupt import SignalGuard
 from sweeplab.models import MLP, MODELS
 from sweeplab.optimizers import OPTIMIZERS
+from sweeplab.schedulers import SCHEDULERS
 from sweeplab.stack import NotStackable, StackedModel, stack_optimizers
+from sweeplab.stacked_train import Member, fit_stack, make_stacked_step, stack
 from sweeplab.stacking import group, stackable
 from sweeplab.summary import objective_vs
 from sweeplab.train import evaluate
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 STACKED = ["-m", "hydra/launcher=stacked"]
 FORK = ["-m", "hydra/launcher=fork", "hydra.launcher.n_jobs=2"]
 # digits: 1187 training images in 19 batches of 64 (the last one smaller), logged every 5 steps
@@ -70,44 +79,58 @@ def test_a_mixed_sweep_splits_by_model_into_two_stacks_of_four(compose_cfg) -> N
     assert group([configs[0], tracking_only]) == [[0, 1]]  # what is logged never splits a stack
 
 
+@pytest.mark.parametrize("scheduler", ["none", "onecycle"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_a_stack_steps_each_member_as_its_own_optimizer_would(compose_cfg, optimizer: str) -> None:
+def test_a_stack_steps_each_member_as_its_own_optimizer_would(
+    compose_cfg, optimizer: str, scheduler: str
+) -> None:
     """Members with their own init, lr, momentum/betas and weight decay: after 5 steps each
-    member's weights and optimizer state equal those of its own model and torch optimizer."""
+    member's weights and optimizer state equal those of its own model and torch optimizer, also
+    under one-cycle, which sets each member's lr and momentum (Adam's first beta) every step."""
     extra = {"sgd": ["optimizer.nesterov=true"], "adam": [], "adamw": []}[optimizer]
     momentum = "optimizer.momentum=0.5" if optimizer == "sgd" else "optimizer.betas=[0.8,0.99]"
+    common = ["model=mlp", "model.dropout=0", f"optimizer={optimizer}", f"scheduler={scheduler}"]
+    peak = ["scheduler.max_lr=0.02"] if scheduler == "onecycle" else []  # a schedule of its own
     configs = [
-        compose_cfg(["model=mlp", "model.dropout=0", f"optimizer={optimizer}", "optimizer.lr=0.05", *extra]),
-        compose_cfg(
-            ["model=mlp", "model.dropout=0", f"optimizer={optimizer}", "optimizer.lr=0.01", momentum]
-        ),
-        compose_cfg(["model=mlp", "model.dropout=0", f"optimizer={optimizer}", "optimizer.weight_decay=0.1"]),
+        compose_cfg([*common, "optimizer.lr=0.05", *extra]),
+        compose_cfg([*common, "optimizer.lr=0.01", momentum, *peak]),
+        compose_cfg([*common, "optimizer.weight_decay=0.1"]),
     ]
 
-    def members() -> tuple[list[torch.nn.Module], list[torch.optim.Optimizer]]:
+    def members() -> tuple[list[torch.nn.Module], list[torch.optim.Optimizer], list]:
         models = []
         for seed, cfg in enumerate(configs):
             torch.manual_seed(seed)
             models.append(MODELS.build(cfg.model, 20, 3))
-        return models, [
+        optimizers = [
             OPTIMIZERS.build(c.optimizer, m.parameters()) for c, m in zip(configs, models, strict=True)
         ]
+        schedules = [SCHEDULERS.build(c.scheduler, o, 5, 5) for c, o in zip(configs, optimizers, strict=True)]
+        return models, optimizers, schedules
 
     x, y = torch.randn(3, 32, 20), torch.randint(0, 3, (3, 32))
-    solo, solo_optimizers = members()
+    solo, solo_optimizers, solo_schedules = members()
     for _ in range(5):
-        for model, opt, xk, yk in zip(solo, solo_optimizers, x, y, strict=True):
+        for model, opt, schedule, xk, yk in zip(solo, solo_optimizers, solo_schedules, x, y, strict=True):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(xk), yk).backward()
             opt.step()
-    models, optimizers = members()
+            schedule.step()
+    models, optimizers, schedules = members()
     stacked = StackedModel(models, 20)
     stepper = stack_optimizers(list(stacked.params.values()), optimizers)
-    for _ in range(5):
-        losses = torch.nn.functional.cross_entropy(stacked(x).transpose(1, 2), y, reduction="none").mean(1)
-        stepper.zero_grad()
-        losses.sum().backward()
-        stepper.step(stepper.lrs())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        for _ in range(5):
+            stepper.refresh()
+            losses = torch.nn.functional.cross_entropy(stacked(x).transpose(1, 2), y, reduction="none").mean(
+                1
+            )
+            stepper.zero_grad()
+            losses.sum().backward()
+            stepper.step()
+            for schedule in schedules:
+                schedule.step()
     for k in range(3):
         stacked.write_back(k)
         stepper.write_back(k)
@@ -351,3 +374,78 @@ class _Branching(torch.nn.Module):
 def test_a_model_vmap_cannot_batch_is_refused_before_training() -> None:
     with pytest.raises(NotStackable, match="_Branching cannot run under torch.vmap"):
         StackedModel([_Branching(), _Branching()], 5)
+
+
+def _fit_stack(
+    cfgs: list, recorder: FrozenGraphs | None, monkeypatch: pytest.MonkeyPatch, device: str = "cpu"
+) -> tuple[list, list[list]]:
+    """``fit_stack`` on ``cfgs``' members (their steps replayed under ``recorder`` when given);
+    each member's state and logged rows."""
+    states, loaded = [], None
+    for cfg in cfgs:
+        state, loaded = training_state(cfg, device, loaded)
+        states.append(state)
+    rows: list[list] = [[] for _ in cfgs]
+
+    def failed(error: Exception) -> None:
+        raise error
+
+    members = [Member(state, rows[k].extend, failed) for k, state in enumerate(states)]
+    if recorder is not None:
+        monkeypatch.setattr(stacked_train, "make_stacked_step", partial(make_stacked_step, recorder=recorder))
+    trainer = OmegaConf.to_object(cfgs[0].trainer)
+    fit_stack(members, stack(states, loaded.in_features), loaded, trainer, SignalGuard())
+    monkeypatch.undo()
+    return states, rows
+
+
+def _without_timings(rows: list) -> list:
+    return [(s, {k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))}) for s, m in rows]
+
+
+@pytest.mark.parametrize("optimizer,scheduler", [("sgd", "onecycle"), ("adam", "cosine"), ("adamw", "none")])
+def test_a_replayed_stacked_step_trains_exactly_like_eager_steps(
+    compose_cfg, monkeypatch: pytest.MonkeyPatch, optimizer: str, scheduler: str
+) -> None:
+    """Under CUDA graph semantics (``FrozenGraphs``: the captured ops replayed, Python frozen),
+    members with their own lr, dropout and schedule (one-cycle also moves the momentum) train to
+    the same numbers, to the bit, as eager stacked steps: everything the step reads between
+    replays is a device tensor. Each epoch's smaller last batch runs eagerly."""
+    base = ["model=mlp", f"optimizer={optimizer}", f"scheduler={scheduler}", *SMALL, "trainer.epochs=2"]
+    own = [["seed=0"], ["model.dropout=0.1", "seed=1"], ["model.dropout=0", "seed=2"]]
+    cfgs = []
+    for lr, extra in zip([0.05, 0.01, 0.02], own, strict=True):
+        peak = [f"scheduler.max_lr={2 * lr}"] if scheduler == "onecycle" else []  # one-cycle's own lr
+        cfgs.append(compose_cfg([*base, f"optimizer.lr={lr}", *peak, *extra]))
+    recorder = FrozenGraphs()
+    replayed, replayed_rows = _fit_stack(cfgs, recorder, monkeypatch)
+    assert (recorder.warmups, recorder.captures, recorder.replays) == (2, 1, 2 * 18 - 2)  # 18 full batches
+    eager, eager_rows = _fit_stack(cfgs, None, monkeypatch)
+    for a, b, rows_a, rows_b in zip(replayed, eager, replayed_rows, eager_rows, strict=True):
+        assert torch.equal(a.progress.step_loss, b.progress.step_loss)
+        assert _without_timings(rows_a) == _without_timings(rows_b)  # every logged number, lrs included
+        for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+            assert torch.equal(p, q)
+    assert len({rows[0][1]["train/lr"] for rows in eager_rows}) == 3  # each member's own schedule
+
+
+@CUDA
+@pytest.mark.parametrize("model", ["logreg", "mlp", "mlp-batchnorm"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_a_stack_captures_as_a_cuda_graph_and_trains_like_eager(
+    compose_cfg, monkeypatch: pytest.MonkeyPatch, model: str, optimizer: str
+) -> None:
+    """Which stacks a graph supports is decided here: stacked forms and the vmap path (BatchNorm)."""
+    name, _, norm = model.partition("-")
+    base = [f"model={name}", f"optimizer={optimizer}", "scheduler=cosine", *SMALL, "device=cuda"]
+    if norm:
+        base += [f"model.norm={norm}", "model.dropout=0"]
+    results = {}
+    for setting in ("true", "false"):
+        cfgs = [
+            compose_cfg([*base, f"optimizer.lr={lr}", f"seed={k}", f"trainer.cuda_graph={setting}"])
+            for k, lr in enumerate([0.05, 0.01])
+        ]
+        states, _ = _fit_stack(cfgs, None, monkeypatch, "cuda")
+        results[setting] = [s.progress.history.val_acc[-1] for s in states]
+    assert results["true"] == pytest.approx(results["false"], abs=0.03)

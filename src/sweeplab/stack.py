@@ -42,7 +42,7 @@ class StackedModel:
                 self.params[name] = columns.transpose(1, 2).detach().requires_grad_()
         self.base = copy.deepcopy(members[0]).to("meta")  # the module whose forward every member runs
         self.training = True
-        self._rates: dict[str, torch.Tensor] = {}
+        self._rates: dict[str, tuple[torch.Tensor, bool]] = {}
         self._own = getattr(self.base, "stacked_forward", None)
         try:
             self._dry_run(in_features)
@@ -100,8 +100,8 @@ class StackedModel:
             h = F.layer_norm(h, module.normalized_shape, eps=module.eps)
             return h * self.params[f"{prefix}weight"].unsqueeze(1) + self.params[f"{prefix}bias"].unsqueeze(1)
         if kind is nn.Dropout:
-            rates = self._dropout_rates(prefix)
-            if not self.training or not rates.any():
+            rates, any_dropped = self._dropout_rates(prefix)
+            if not self.training or not any_dropped:
                 return h
             keep = 1 - rates.view(-1, 1, 1)
             return h * (torch.rand_like(h) < keep) / keep
@@ -109,11 +109,13 @@ class StackedModel:
             return module(h)
         raise NotStackable(f"{kind.__name__} ({prefix.rstrip('.')}) has no stacked form")
 
-    def _dropout_rates(self, prefix: str) -> torch.Tensor:
-        """Each member's own dropout rate at this layer (``model.dropout`` is stackable)."""
+    def _dropout_rates(self, prefix: str) -> tuple[torch.Tensor, bool]:
+        """Each member's own dropout rate at this layer (``model.dropout`` is stackable), and
+        whether any member drops out there (known here, so the step never asks the device)."""
         if prefix not in self._rates:
             rates = [float(member.get_submodule(prefix.rstrip(".")).p) for member in self.members]
-            self._rates[prefix] = torch.tensor(rates, device=next(iter(self.params.values())).device)
+            device = next(iter(self.params.values())).device
+            self._rates[prefix] = (torch.tensor(rates, device=device), any(rates))
         return self._rates[prefix]
 
     def train(self, mode: bool = True) -> None:
@@ -146,23 +148,40 @@ def _view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class StackedOptimizer:
-    """Steps stacked parameters; each member's hyperparameters come from its own optimizer."""
+    """Steps stacked parameters; each member's hyperparameters come from its own optimizer.
+
+    What a schedule may change every step (``scheduled``: the learning rate; SGD's momentum and
+    Adam's first beta under one-cycle) lives in device tensors that ``refresh`` fills from the
+    members' param groups before each step; everything ``step`` reads is a tensor or fixed at
+    construction, so the step can be replayed from a CUDA graph.
+    """
+
+    scheduled: dict[str, tuple[str, int | None]] = {"lr": ("lr", None)}
 
     def __init__(self, params: list[torch.Tensor], members: list[Optimizer]) -> None:
         self.params, self.members = params, members
         self.device = params[0].device
+        self._seen: list[list[float]] = []
+        for attribute, (key, index) in self.scheduled.items():
+            setattr(self, attribute, self.hyper(key, index))
+
+    def _floats(self, key: str, index: int | None = None) -> list[float]:
+        groups = [optimizer.param_groups[0] for optimizer in self.members]
+        return [float(group[key] if index is None else group[key][index]) for group in groups]
 
     def hyper(self, key: str, index: int | None = None) -> torch.Tensor:
         """``key`` of every member's (single) param group, as a float tensor ``(K,)``."""
-        values = [group[key] if index is None else group[key][index] for group in self._groups()]
-        return torch.tensor([float(v) for v in values], device=self.device)
+        return torch.tensor(self._floats(key, index), device=self.device)
 
-    def _groups(self) -> list[dict]:
-        return [optimizer.param_groups[0] for optimizer in self.members]
-
-    def lrs(self) -> torch.Tensor:
-        """The learning rate each member's schedule has set for this step."""
-        return self.hyper("lr")
+    def refresh(self) -> list[float]:
+        """Bring the scheduled tensors to what the members' schedules set for the coming step;
+        the members' learning rates."""
+        now = [self._floats(key, index) for key, index in self.scheduled.values()]
+        if now != self._seen:
+            for attribute, values in zip(self.scheduled, now, strict=True):
+                getattr(self, attribute).copy_(torch.tensor(values))
+            self._seen = now
+        return now[0]
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -173,25 +192,29 @@ class StackedSGD(StackedOptimizer):
     """``torch.optim.SGD``: weight decay into the gradient, momentum (the first step's buffer is
     the gradient), Nesterov per member, no dampening."""
 
+    scheduled = {"lr": ("lr", None), "momentum": ("momentum", None)}
+    lr: torch.Tensor
+    momentum: torch.Tensor
+
     def __init__(self, params: list[torch.Tensor], members: list[Optimizer]) -> None:
         super().__init__(params, members)
-        self.momentum, self.weight_decay = self.hyper("momentum"), self.hyper("weight_decay")
+        self.weight_decay = self.hyper("weight_decay")
         self.nesterov = self.hyper("nesterov").bool()
+        self.decays, self.looks_ahead = any(self._floats("weight_decay")), any(self._floats("nesterov"))
         self.buffers: list[torch.Tensor | None] = [None] * len(params)
 
     @torch.no_grad()
-    def step(self, lrs: torch.Tensor) -> None:
-        decay, nesterov = bool(self.weight_decay.any()), self.nesterov.any()
+    def step(self) -> None:
         for i, p in enumerate(self.params):
-            grad = p.grad.add_(_view(self.weight_decay, p) * p) if decay else p.grad
+            grad = p.grad.add_(_view(self.weight_decay, p) * p) if self.decays else p.grad
             momentum = _view(self.momentum, p)
             buf = self.buffers[i]
             buf = grad.clone() if buf is None else buf.mul_(momentum).add_(grad)
             self.buffers[i] = buf
             update = buf
-            if nesterov:  # only the members with nesterov=true look ahead
+            if self.looks_ahead:  # only the members with nesterov=true look ahead
                 update = torch.where(_view(self.nesterov, p), grad + momentum * buf, buf)
-            p.sub_(_view(lrs, p) * update)
+            p.sub_(_view(self.lr, p) * update)
 
     def write_back(self, k: int) -> None:
         optimizer = self.members[k]
@@ -204,24 +227,29 @@ class StackedSGD(StackedOptimizer):
 
 class StackedAdam(StackedOptimizer):
     """``torch.optim.Adam`` (L2 weight decay into the gradient) or, with ``decoupled``,
-    ``AdamW`` (weights shrunk by lr x weight decay before the update)."""
+    ``AdamW`` (weights shrunk by lr x weight decay before the update). The step count is a device
+    tensor, as in Adam's capturable form."""
+
+    scheduled = {"lr": ("lr", None), "beta1": ("betas", 0)}
+    lr: torch.Tensor
+    beta1: torch.Tensor
 
     def __init__(self, params: list[torch.Tensor], members: list[Optimizer], decoupled: bool) -> None:
         super().__init__(params, members)
         self.decoupled = decoupled
-        self.beta1, self.beta2 = self.hyper("betas", 0), self.hyper("betas", 1)
+        self.beta2 = self.hyper("betas", 1)
         self.eps, self.weight_decay = self.hyper("eps"), self.hyper("weight_decay")
-        self.steps = 0
+        self.steps = torch.zeros((), device=self.device)
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
 
     @torch.no_grad()
-    def step(self, lrs: torch.Tensor) -> None:
-        self.steps += 1
+    def step(self) -> None:
+        self.steps.add_(1)
         bias1 = 1 - self.beta1**self.steps
         bias2 = 1 - self.beta2**self.steps
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            grad, lr, decay = p.grad, _view(lrs, p), _view(self.weight_decay, p)
+            grad, lr, decay = p.grad, _view(self.lr, p), _view(self.weight_decay, p)
             if self.decoupled:
                 p.mul_(1 - lr * decay)
             else:
@@ -237,7 +265,7 @@ class StackedAdam(StackedOptimizer):
         params = optimizer.param_groups[0]["params"]
         for param, m, v in zip(params, self.exp_avg, self.exp_avg_sq, strict=True):
             optimizer.state[param] = {
-                "step": torch.tensor(float(self.steps)),
+                "step": self.steps.to("cpu", copy=True),
                 "exp_avg": m[k].clone(),
                 "exp_avg_sq": v[k].clone(),
             }

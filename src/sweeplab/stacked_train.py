@@ -2,7 +2,8 @@
 
 Each member keeps the ``TrainingState`` a solo run of its config would have (model, optimizer,
 scheduler, shuffle generator, progress), so it sees the batches a solo run sees in the same
-order; ``sweeplab.stack`` steps their stacked weights together. At every epoch end (and at a
+order; ``sweeplab.stack`` steps their stacked weights together, eagerly or replayed from a CUDA
+graph (``trainer.cuda_graph``, as for a solo run). At every epoch end (and at a
 stop) each member's weights and optimizer buffers are written back into its own objects, which
 its record then checkpoints, evaluates and logs as for any run.
 
@@ -19,11 +20,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sweeplab.data import Data
+from sweeplab.data import Data, Split
 from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.schema import TrainerConfig
 from sweeplab.stack import StackedModel, StackedOptimizer, stack_optimizers
 from sweeplab.state import MetricRows, TrainingState
+from sweeplab.step import Recorder, Step, StepOutput, graphed, wants_graph
 from sweeplab.train import DivergedError, close_epoch, final_history, step_weights, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,44 @@ def stack(states: list[TrainingState], in_features: int) -> tuple[StackedModel, 
     """The members' models and optimizers stacked; ``NotStackable`` where they cannot be."""
     stacked = StackedModel([s.model for s in states], in_features)
     return stacked, stack_optimizers(list(stacked.params.values()), [s.optimizer for s in states])
+
+
+class StackedStep:
+    """Every member's step on its own batch: ``indices`` ``(K, batch)``; each member's loss and
+    accuracy ``(K,)``. Losses are summed for one backward: the members' gradients stay apart."""
+
+    def __init__(self, stacked: StackedModel, optimizer: StackedOptimizer, train: Split) -> None:
+        self.stacked, self.optimizer, self.train = stacked, optimizer, train
+
+    def __call__(self, indices: torch.Tensor) -> StepOutput:
+        k = len(indices)
+        y = self.train.y[indices]
+        logits = self.stacked(self.train.x[indices])
+        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), reduction="none")
+        loss = flat.view(k, -1).mean(1)
+        self.optimizer.zero_grad()
+        loss.sum().backward()
+        self.optimizer.step()
+        return loss.detach(), (logits.argmax(2) == y).float().mean(1)
+
+
+def make_stacked_step(
+    setting: str,
+    stacked: StackedModel,
+    optimizer: StackedOptimizer,
+    train: Split,
+    batch_size: int,
+    recorder: Recorder | None = None,
+) -> Step:
+    """The stack's step as ``trainer.cuda_graph`` asks: on CUDA (``auto``, ``true``) captured
+    once and replayed; every hyperparameter it reads is a device tensor (``StackedOptimizer``)."""
+    eager = StackedStep(stacked, optimizer, train)
+    device = train.x.device
+    if not wants_graph(setting, device, recorder):
+        return eager
+    k = len(stacked.members)
+    indices = torch.zeros(k, batch_size, dtype=torch.long, device=device)
+    return graphed(setting, eager, indices, (k,), recorder)
 
 
 def fit_stack(
@@ -67,6 +107,7 @@ def fit_stack(
         s.progress.step_loss, s.progress.step_acc = losses[row], accs[row]
     weights = step_weights(n, cfg)
     window, step = cfg.log_every_n_steps, 0
+    train_step = make_stacked_step(cfg.cuda_graph, stacked, optimizer, train, batch)
     with warnings.catch_warnings():
         # each member's own optimizer never steps (the stack steps for it): a schedule's first
         # step would warn about that order
@@ -79,24 +120,13 @@ def fit_stack(
             orders = torch.stack([s.progress.order for s in states])
             try:
                 for i in range(per_epoch):
-                    idx = orders[:, i * batch : (i + 1) * batch]
-                    y = train.y[idx]
-                    logits = stacked(train.x[idx])
-                    flat = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), y.flatten(), reduction="none"
-                    )
-                    loss = flat.view(k, -1).mean(1)
-                    optimizer.zero_grad()
-                    loss.sum().backward()
-                    optimizer.step(optimizer.lrs())
-                    losses[:, step] = loss.detach()
-                    accs[:, step] = (logits.argmax(2) == y).float().mean(1)
+                    lrs = optimizer.refresh()  # what the members' schedules set for this step
+                    losses[:, step], accs[:, step] = train_step(orders[:, i * batch : (i + 1) * batch])
                     step += 1
                     if step % window == 0:
-                        lrs = optimizer.lrs().tolist()
                         for s, lr in zip(states, lrs, strict=True):
                             s.progress.lrs[step] = lr
-                        _check_finite(members, loss, f"at step {step} (epoch {epoch})")
+                        _check_finite(members, losses[:, step - 1], f"at step {step} (epoch {epoch})")
                     for s in states:
                         s.scheduler.step()
                     stop.raise_if_requested()
