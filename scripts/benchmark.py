@@ -14,6 +14,9 @@
 4. Runs a 16-job ``seed_logreg`` sweep (4 learning rates x 4 seeds) with the stacked launcher and
    with 2 workers of the fork launcher, side by side: wall time, training seconds per
    model-epoch, and what recording a member costs (figures, model, MLflow logging).
+5. ``--parts stacked-wide`` (not run by default; meant for a GPU): a 64-job ``seed_mlp`` sweep (8
+   learning rates x 8 seeds) with the stacked launcher: wall time, the stack's slowest
+   ``time/epoch_s``, the spread of test accuracy, and one member's logged model reloaded.
 
 Usage: python scripts/benchmark.py [--data-root DIR] [--epochs N] [--device cpu] [--parts ...]
 The data root defaults to $SWEEPLAB_DATA_DIR; it must hold MNIST/raw/.
@@ -310,51 +313,47 @@ def sweeps(root: str, epochs: int) -> None:
 # ---- stacked sweeps ------------------------------------------------------------------------
 STACKED_LRS = "0.1,0.05,0.02,0.01"
 STACKED_SEEDS = "0,1,2,3"
+WIDE_LRS = "0.1,0.07,0.05,0.03,0.02,0.01,0.007,0.005"  # the 64-job GPU sweep: 8 lrs x 8 seeds
+WIDE_SEEDS = "0,1,2,3,4,5,6,7"
 
 
 def stacked_sweep(
-    root: str, launcher: list[str], workdir: Path, epochs: int, device: str
-) -> tuple[float, dict]:
-    """Wall time of the 16-job seed_logreg sweep (4 learning rates x 4 seeds) with ``launcher``,
-    and the mean of each phase's seconds over its children, which must all be FINISHED with
-    figures and a model."""
-    command = [
-        str(Path(sys.executable).with_name("sweeplab")),
-        "-m",
-        *launcher,
-        "experiment=seed_logreg",
-        f"optimizer.lr={STACKED_LRS}",
-        f"seed={STACKED_SEEDS}",
-        f"trainer.epochs={epochs}",
-        f"device={device}",
-    ]
+    root: str, launcher: list[str], workdir: Path, grid: list[str], device: str
+) -> tuple[float, list]:
+    """Wall time of the sweep ``grid`` with ``launcher``, and its children, which must all be
+    FINISHED with every figure of their model and a logged model."""
+    command = [str(Path(sys.executable).with_name("sweeplab")), "-m", *launcher, *grid, f"device={device}"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"SWEEPLAB_DATA_DIR": root}
     started = time.perf_counter()
     subprocess.run(command, cwd=workdir, env=env, check=True, capture_output=True)
     wall = time.perf_counter() - started
     client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     children = [r for r in client.search_runs(["1"]) if r.data.tags.get(TAG_SWEEP) != "parent"]
+    figures = 6 if "experiment=seed_mlp" in grid else 4  # the MLP adds two hidden-layer PCAs
     complete = [
         r
         for r in children
         if r.info.status == "FINISHED"
-        and len(client.list_artifacts(r.info.run_id, "figures")) == 4
+        and len(client.list_artifacts(r.info.run_id, "figures")) == figures
         and r.data.metrics.get("time/model_logging_s") is not None
     ]
-    if len(complete) != 16:
-        raise RuntimeError(f"{launcher}: {len(complete)} of 16 children FINISHED with figures and a model")
-    phases = {
-        key: sum(r.data.metrics[key] for r in children) / len(children)
-        for key in ("time/training_s", "time/figures_s", "time/model_logging_s", "time/tracking_s")
-    }
-    return wall, phases
+    if len(complete) != len(children):
+        raise RuntimeError(f"{launcher}: {len(complete)} of {len(children)} children complete")
+    return wall, children
+
+
+def _mean(children: list, key: str) -> float:
+    return sum(r.data.metrics[key] for r in children) / len(children)
 
 
 def stacked(root: str, epochs: int, device: str) -> None:
-    print(
-        f"\n== 16-job sweep experiment=seed_logreg optimizer.lr={STACKED_LRS} seed={STACKED_SEEDS} "
-        f"trainer.epochs={epochs} device={device}, fresh sqlite store each"
-    )
+    grid = [
+        "experiment=seed_logreg",
+        f"optimizer.lr={STACKED_LRS}",
+        f"seed={STACKED_SEEDS}",
+        f"trainer.epochs={epochs}",
+    ]
+    print(f"\n== 16-job sweep {' '.join(grid)} device={device}, fresh sqlite store each")
     launchers = {
         "stacked": ["hydra/launcher=stacked"],
         "fork, 2 workers": ["hydra/launcher=fork", "hydra.launcher.n_jobs=2"],
@@ -363,13 +362,44 @@ def stacked(root: str, epochs: int, device: str) -> None:
     print(f"{'launcher':18} {'wall s':>8} {'train s/model-epoch':>20} {'record s/member':>16}")
     for name, launcher in launchers.items():
         with tempfile.TemporaryDirectory() as workdir:
-            wall, phases = stacked_sweep(root, launcher, Path(workdir), epochs, device)
+            wall, children = stacked_sweep(root, launcher, Path(workdir), grid, device)
         walls[name] = wall
         # a member's training seconds are its stack's: per model-epoch divide by the stack's size
-        per_model_epoch = phases["time/training_s"] / epochs / (16 if name == "stacked" else 1)
-        record = phases["time/figures_s"] + phases["time/model_logging_s"] + phases["time/tracking_s"]
+        per_model_epoch = _mean(children, "time/training_s") / epochs / (16 if name == "stacked" else 1)
+        record = sum(_mean(children, f"time/{p}_s") for p in ("figures", "model_logging", "tracking"))
         print(f"{name:18} {wall:8.1f} {per_model_epoch:20.3f} {record:16.2f}")
     print(f"stacked is {walls['fork, 2 workers'] / walls['stacked']:.2f}x faster (wall)")
+
+
+def stacked_wide(root: str, epochs: int, device: str) -> None:
+    """The 64-job seed_mlp sweep, stacked only (one stack of 64): what a GPU makes of it."""
+    grid = [
+        "experiment=seed_mlp",
+        f"optimizer.lr={WIDE_LRS}",
+        f"seed={WIDE_SEEDS}",
+        f"trainer.epochs={epochs}",
+    ]
+    print(f"\n== 64-job sweep {' '.join(grid)} hydra/launcher=stacked device={device}")
+    with tempfile.TemporaryDirectory() as workdir:
+        wall, children = stacked_sweep(root, ["hydra/launcher=stacked"], Path(workdir), grid, device)
+        client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+        epoch_s = max(
+            m.value for r in children for m in client.get_metric_history(r.info.run_id, "time/epoch_s")
+        )
+        run = children[0]
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
+        model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model", map_location=device)
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            data_cfg = compose("config", overrides=["experiment=seed_mlp", f"data.root={root}"]).data
+        reloaded = evaluate(model, load_data(data_cfg, torch.device(device)).test, 8192).acc
+    accs = sorted(r.data.metrics["test/acc"] for r in children)
+    print(f"  {len(children)} children FINISHED with figures and a model; wall {wall:.1f} s")
+    print(f"  time/epoch_s (all 64 members, slowest epoch) {epoch_s:.3f} s")
+    print(f"  test/acc min {accs[0]:.4f} median {accs[len(accs) // 2]:.4f} max {accs[-1]:.4f}")
+    print(
+        f"  a logged model reloads with test/acc {reloaded:.4f} "
+        f"(its run logged {run.data.metrics['test/acc']:.4f})"
+    )
 
 
 def main() -> None:
@@ -383,7 +413,7 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["compare", "e2e", "sweep", "stacked"],
+        choices=["compare", "e2e", "sweep", "stacked", "stacked-wide"],
         default=["compare", "e2e", "sweep", "stacked"],
     )
     parser.add_argument(
@@ -401,6 +431,8 @@ def main() -> None:
         sweeps(root, args.sweep_epochs)
     if "stacked" in args.parts:
         stacked(root, args.epochs, args.device)
+    if "stacked-wide" in args.parts:
+        stacked_wide(root, args.epochs, args.device)
 
 
 if __name__ == "__main__":
