@@ -1,5 +1,6 @@
-"""Figures drawn in a forked child while the run logs its model, and what happens when that fails."""
+"""Figures drawn by children forked before they are needed, and what happens when that fails."""
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -7,7 +8,10 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
+from sweeplab import render
 from sweeplab.render import rendering
+
+LINUX = sys.platform == "linux"
 
 
 def _figure(title: str, pids: Path) -> Figure:
@@ -18,22 +22,44 @@ def _figure(title: str, pids: Path) -> Figure:
     return fig
 
 
-def test_figures_are_drawn_in_a_child_and_the_folder_is_removed(tmp_path: Path) -> None:
+def _broken() -> Figure:
+    raise ValueError("no data to plot")
+
+
+def test_figures_are_drawn_by_preforked_children_and_the_folder_is_removed(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
-    jobs = {name: (lambda name=name: _figure(name, pids)) for name in ["a", "b"]}
+    render.prefork(2)  # as a run does when it starts: the children import while it trains
+    children = {child.process.pid for child in render._idle}
+    jobs = {name: functools.partial(_figure, name, pids) for name in ["a", "b", "c"]}
     with rendering(jobs) as drawing:
         folder = drawing.wait()
-        assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.png"]
+        assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.png", "c.png"]
         assert all(p.read_bytes().startswith(b"\x89PNG") for p in folder.iterdir())
     assert not folder.exists()
-    drawn_by = set(pids.read_text().split())
-    if sys.platform == "linux":
-        assert drawn_by and str(os.getpid()) not in drawn_by
+    drawn_by = {int(pid) for pid in pids.read_text().split()}
+    if LINUX:
+        assert drawn_by == children and len(children) == 2  # both shared the jobs, none drawn here
 
 
-def test_a_failing_figure_raises_its_own_error_here(tmp_path: Path) -> None:
-    def broken() -> Figure:
-        raise ValueError("no data to plot")
-
-    with rendering({"broken": broken}) as drawing, pytest.raises(ValueError, match="no data to plot"):
+def test_a_failing_figure_raises_its_own_error_here() -> None:
+    with rendering({"broken": _broken}) as drawing, pytest.raises(ValueError, match="no data to plot"):
         drawing.wait()  # the child failed; drawing again here shows the real error
+
+
+def test_a_job_that_cannot_be_sent_is_drawn_here(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pids = tmp_path / "pids"
+    with rendering({"local": lambda: _figure("local", pids)}) as drawing:
+        assert (drawing.wait() / "local.png").is_file()
+    assert pids.read_text().split() == [str(os.getpid())]
+    if LINUX:
+        assert len([r for r in caplog.records if "drawing them here" in r.message]) == 1
+
+
+@pytest.mark.skipif(not LINUX, reason="children are forked on Linux only")
+def test_an_idle_child_ends_with_its_pipe() -> None:
+    """A run that ends before its figures (a diverged one) leaves no child behind."""
+    render.prefork(1)
+    (child,) = render._idle
+    render._release()
+    child.process.join(timeout=30)
+    assert child.process.exitcode == 0

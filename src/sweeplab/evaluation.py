@@ -6,6 +6,7 @@ test split gives back the run's own ``test/acc`` exactly. Results go to a new ML
 same experiment, tagged with the evaluated run's id.
 """
 
+import functools
 import logging
 import os
 import re
@@ -148,7 +149,7 @@ def _log_figures(
     picked = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed))
     picked = picked[: settings.tracking.pca_samples or n]
     jobs = {
-        "confusion_matrix": lambda: figures.confusion_matrix(y, y_pred, data.classes, split=name),
+        "confusion_matrix": functools.partial(figures.confusion_matrix, y, y_pred, data.classes, split=name),
         **figures.pca_jobs(model, split.x[picked.to(split.x.device)], y[picked.numpy()], data.classes),
     }
     with rendering(jobs) as drawing:

@@ -5,7 +5,8 @@ confusion matrix (the set of plots of the original setup described at the top of
 Plotting helpers take plain arrays so they work for any model and dataset. Figures with many
 points use fixed margins: a constrained layout draws them twice, doubling the save time.
 SciPy's filter and scikit-learn's PCA and metrics are imported where a figure is drawn, so a run
-that draws none does not pay for them; one that does imports them in ``sweeplab.warmup``.
+that draws none does not pay for them; one that does imports them in the children that draw
+(``sweeplab.render``). Jobs are partials of the functions here, so they can be sent there.
 """
 
 import functools
@@ -158,8 +159,8 @@ def run_jobs(
     labels = data.train.y[picked].cpu().numpy()
     y_true, y_pred = data.test.y.cpu().numpy(), test_predictions.cpu().numpy()
     return {
-        "samples": lambda: samples(sample_x, sample_y, data.classes, data.sample_shape),
-        "curves": lambda: curves(history),
+        "samples": functools.partial(samples, sample_x, sample_y, data.classes, data.sample_shape),
+        "curves": functools.partial(curves, history),
         **pca_jobs(model, data.train.x[picked], labels, data.classes),
-        "confusion_matrix": lambda: confusion_matrix(y_true, y_pred, data.classes),
+        "confusion_matrix": functools.partial(confusion_matrix, y_true, y_pred, data.classes),
     }

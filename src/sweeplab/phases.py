@@ -21,7 +21,7 @@ import torch
 from mlflow.data.dataset import Dataset
 from omegaconf import DictConfig, OmegaConf
 
-from sweeplab import checkpoint, figures, warmup
+from sweeplab import checkpoint, figures, render, warmup
 from sweeplab.checkpoint import Checkpointer
 from sweeplab.data import Data, load_data
 from sweeplab.device import resolve_device
@@ -42,7 +42,6 @@ from sweeplab.record import (
     run_params,
     run_tags,
 )
-from sweeplab.render import rendering
 from sweeplab.resume import ResumePoint, locate, own_overrides, resumed_config
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.schema import CheckpointConfig, SweepConfig, TrackingConfig, TrainerConfig
@@ -152,7 +151,9 @@ def build(start: Start, watch: Stopwatch, loaded: "tuple[Data, Dataset] | None" 
         checkpointing: CheckpointConfig = OmegaConf.to_object(cfg.checkpoint)
         device = resolve_device(cfg.device)
         generator = seed_everything(cfg.seed)
-        warmup.start(tracking.log_model, tracking.figures, device.type == "cuda")  # while the data loads
+        if tracking.figures and loaded is None:
+            render.prefork()  # its libraries import on another core while this one loads and trains
+        warmup.start(tracking.log_model, device.type == "cuda")  # while the data loads
     if loaded is None:
         with watch("data"):
             data = load_data(cfg.data, device)
@@ -266,7 +267,7 @@ def record_many(outcomes: list[Outcome]) -> None:
     for jobs in wanted:
         unique |= {file: make for file, (_, make) in jobs.items() if file not in unique}
     processes = 1 if len(outcomes) == 1 else os.cpu_count() or 1
-    with rendering(unique, processes) as drawing:
+    with render.rendering(unique, processes) as drawing:
         for session, record, history, _ in outcomes:
             if session.tracking.log_model:
                 with session.watch("model_logging"):
@@ -291,7 +292,7 @@ def _figure_jobs(
     if not session.tracking.figures:
         return {}
     with session.watch("figures"):
-        warmup.wait()  # its libraries imported, and no thread running when the child forks
+        warmup.wait()  # no thread running should a child be forked now
         jobs = figures.run_jobs(
             session.training.model,
             session.data,

@@ -4,28 +4,24 @@ Reading and converting the data is mostly file reads and tensor work that leave 
 free, so a second thread can meanwhile:
 
 - let MLflow map every installed distribution: logging a model checks its requirements against
-  them, a walk made once per process (~0.5 s here, seconds with a CUDA build of torch);
-- import what the figures are drawn with (SciPy's filter, scikit-learn's PCA and metrics,
-  ~0.8 s), before the figure child is forked, so that it starts drawing at once;
+  them, a walk made once per process (~0.35 s here, seconds with a CUDA build of torch);
 - create the CUDA context (for a CUDA device), which the data needs only once it is read.
 
-``wait`` joins the thread; it must have ended before the process forks.
+(The figure libraries are imported by the children that draw, ``sweeplab.render``.) ``wait``
+joins the thread; it must have ended before the process forks.
 """
 
-import importlib
 import threading
-
-FIGURE_MODULES = ("scipy.signal", "sklearn.decomposition", "sklearn.metrics")
 
 _thread: threading.Thread | None = None
 
 
-def start(log_model: bool, figures: bool, cuda: bool = False) -> None:
+def start(log_model: bool, cuda: bool = False) -> None:
     """Start the thread, once per process, for the parts the run will use (``cuda``: never in
     a process that forks workers afterwards, which could not use a context made before)."""
     global _thread
     if _thread is None:
-        args = (log_model, figures, cuda)
+        args = (log_model, cuda)
         _thread = threading.Thread(target=_prepare, args=args, name="warmup", daemon=True)
         _thread.start()
 
@@ -35,7 +31,7 @@ def wait() -> None:
         _thread.join()
 
 
-def _prepare(log_model: bool, figures: bool, cuda: bool) -> None:
+def _prepare(log_model: bool, cuda: bool) -> None:
     if cuda:
         import torch
 
@@ -44,6 +40,3 @@ def _prepare(log_model: bool, figures: bool, cuda: bool) -> None:
         from mlflow.utils import requirements_utils
 
         requirements_utils._init_modules_to_packages_map()  # cached by MLflow for the process
-    if figures:
-        for module in FIGURE_MODULES:
-            importlib.import_module(module)

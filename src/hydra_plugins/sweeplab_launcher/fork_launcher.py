@@ -102,9 +102,11 @@ class ForkLauncher(Launcher):
         workers = max(1, min(cores if self.n_jobs < 1 else self.n_jobs, len(job_overrides)))
         for module in self.preload:
             importlib.import_module(module)
-        from sweeplab import warmup
+        from sweeplab import render, warmup
 
-        warmup.start(log_model=True, figures=True)  # once here rather than once per job
+        for module in render.FIGURE_MODULES:  # once here rather than once per job
+            importlib.import_module(module)
+        warmup.start(log_model=True)
         warmup.wait()
         log.info("Launching %d jobs in %d forked workers", len(job_overrides), workers)
         for idx, overrides in enumerate(job_overrides):
