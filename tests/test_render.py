@@ -26,19 +26,20 @@ def _broken() -> Figure:
     raise ValueError("no data to plot")
 
 
-def test_figures_are_drawn_by_preforked_children_and_the_folder_is_removed(tmp_path: Path) -> None:
+def test_figures_are_drawn_by_a_preforked_child_and_its_helper_and_the_folder_is_removed(
+    tmp_path: Path,
+) -> None:
     pids = tmp_path / "pids"
-    render.prefork(2)  # as a run does when it starts: the children import while it trains
-    children = {child.process.pid for child in render._idle}
+    render.prefork()  # as a run does when it starts: the child imports while the run trains
     jobs = {name: functools.partial(_figure, name, pids) for name in ["a", "b", "c"]}
-    with rendering(jobs) as drawing:
+    with rendering(jobs, processes=2) as drawing:
         folder = drawing.wait()
         assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.png", "c.png"]
         assert all(p.read_bytes().startswith(b"\x89PNG") for p in folder.iterdir())
     assert not folder.exists()
     drawn_by = {int(pid) for pid in pids.read_text().split()}
     if LINUX:
-        assert drawn_by == children and len(children) == 2  # both shared the jobs, none drawn here
+        assert len(drawn_by) == 2 and os.getpid() not in drawn_by  # two shared the jobs, none here
 
 
 def test_a_failing_figure_raises_its_own_error_here() -> None:
@@ -58,8 +59,8 @@ def test_a_job_that_cannot_be_sent_is_drawn_here(tmp_path: Path, caplog: pytest.
 @pytest.mark.skipif(not LINUX, reason="children are forked on Linux only")
 def test_an_idle_child_ends_with_its_pipe() -> None:
     """A run that ends before its figures (a diverged one) leaves no child behind."""
-    render.prefork(1)
-    (child,) = render._idle
+    render.prefork()
+    child = render._ready.process
     render._release()
-    child.process.join(timeout=30)
-    assert child.process.exitcode == 0
+    child.join(timeout=30)
+    assert child.exitcode == 0

@@ -266,7 +266,7 @@ def record_many(outcomes: list[Outcome]) -> None:
     unique: figures.FigureJobs = {}
     for jobs in wanted:
         unique |= {file: make for file, (_, make) in jobs.items() if file not in unique}
-    processes = 1 if len(outcomes) == 1 else os.cpu_count() or 1
+    processes = os.cpu_count() or 1
     with render.rendering(unique, processes) as drawing:
         for session, record, history, _ in outcomes:
             if session.tracking.log_model:

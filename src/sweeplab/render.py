@@ -1,14 +1,15 @@
-"""Figures drawn to PNG files by child processes forked before training, while the run goes on.
+"""Figures drawn to PNG files by a child process forked before training, while the run goes on.
 
 A run's figures need SciPy, scikit-learn and matplotlib (about a second of imports) and about
-a second of drawing; neither needs the run's process. On Linux, ``prefork`` forks the children
-early, when the run starts loading its data: each imports the figure libraries on a core of its
-own while the run trains, then waits for its share of the figure jobs, which ``rendering``
-sends it (plain functions over numpy arrays, pickled) once the run has them. The run meanwhile
-logs its model. Children touch no torch state and no MLflow (whose sqlite connection must not
-cross a fork) and leave through ``os._exit``, so the parent's exit handlers never run in them; an
-idle child ends when the run's process does. Where fork is unavailable, or a child fails, the
-figures are drawn in this process.
+a second of drawing; neither needs the run's process. On Linux, ``prefork`` forks the drawing
+child early, when the run starts loading its data: it imports the figure libraries on a core of
+its own while the run trains, then waits for the figure jobs, which ``rendering`` sends it
+(plain functions over numpy arrays, pickled) once the run has them. The run meanwhile logs its
+model. Many figures (a stack's members) are shared out: the child forks helpers, which inherit
+its imports and the jobs, one per core. Children touch no torch state and no MLflow (whose
+sqlite connection must not cross a fork) and leave through ``os._exit``, so the parent's exit
+handlers never run in them; an idle child ends when the run's process does. Where fork is
+unavailable, or drawing in a child fails, the figures are drawn in this process.
 """
 
 import atexit
@@ -36,35 +37,37 @@ FIGURE_MODULES = ("scipy.signal", "sklearn.decomposition", "sklearn.metrics")
 
 
 @dataclasses.dataclass
-class _Child:
+class _Drawer:
     process: multiprocessing.process.BaseProcess
-    jobs: Connection  # where its share of the jobs goes
+    jobs: Connection  # where the jobs go, once
 
 
-_idle: list[_Child] = []
+_ready: _Drawer | None = None
 
 
-def prefork(processes: int = 1) -> None:
-    """Have ``processes`` children ready to draw, their libraries importing from now on.
+def prefork() -> None:
+    """Have a child ready to draw, its libraries importing from now on (once per run).
 
     Call it before this process starts threads (a fork copies only the calling thread)."""
+    global _ready
     if sys.platform != "linux":  # fork is the default and safe for numpy/matplotlib work there
         return
-    _idle[:] = [child for child in _idle if child.process.is_alive()]
+    if _ready is not None and _ready.process.is_alive():
+        return
     context = multiprocessing.get_context("fork")
-    while len(_idle) < processes:
-        reader, writer = context.Pipe(duplex=False)
-        process = context.Process(target=_serve, args=(reader, writer), name="sweeplab-figures")
-        process.start()
-        reader.close()
-        _idle.append(_Child(process, writer))
+    reader, writer = context.Pipe(duplex=False)
+    process = context.Process(target=_serve, args=(reader, writer), name="sweeplab-figures")
+    process.start()
+    reader.close()
+    _ready = _Drawer(process, writer)
 
 
 def _release() -> None:
-    """Idle children end when their pipe closes; multiprocessing then joins them at exit."""
-    for child in _idle:
-        child.jobs.close()
-    _idle.clear()
+    """An idle child ends when its pipe closes; multiprocessing then joins it at exit."""
+    global _ready
+    if _ready is not None:
+        _ready.jobs.close()
+        _ready = None
 
 
 atexit.register(_release)  # before multiprocessing's own exit handler, which joins children
@@ -74,17 +77,33 @@ def _serve(jobs: Connection, writer: Connection) -> None:
     # a Ctrl-C reaches the whole process group: the parent stops the run, the child just ends
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)
-    for child in _idle:  # the write ends the fork copied: only the parent's may keep a pipe open
-        child.jobs.close()
-    writer.close()
+    writer.close()  # the fork's copy of the write end: only the parent's may keep the pipe open
     for module in FIGURE_MODULES:
         importlib.import_module(module)
     try:
-        mine, folder = jobs.recv()
+        work, processes, folder = jobs.recv()
     except EOFError:  # the run ended without figures
         os._exit(0)
-    with threadpool_limits(1):  # one core for PCA's BLAS: the other is the parent's, logging
-        _draw(mine, folder)
+    names = list(work)
+    shares = max(1, min(processes, len(names)))
+    helpers = []
+    for share in range(1, shares):
+        pid = os.fork()
+        if pid == 0:  # a helper: its share, then gone
+            _draw_share(work, names[share::shares], folder)
+            os._exit(0)
+        helpers.append(pid)
+    _draw_share(work, names[::shares], folder)
+    if any(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0 for pid in helpers):
+        os._exit(1)
+
+
+def _draw_share(work: FigureJobs, names: list[str], folder: Path) -> None:
+    try:
+        with threadpool_limits(1):  # one core for PCA's BLAS: the others draw or log
+            _draw({name: work[name] for name in names}, folder)
+    except BaseException:
+        os._exit(1)
 
 
 def _draw(jobs: FigureJobs, folder: Path) -> None:
@@ -93,56 +112,51 @@ def _draw(jobs: FigureJobs, folder: Path) -> None:
 
 
 class Rendering:
-    """Figures being drawn into ``folder`` by the ready children (at least ``processes`` of
-    them), each given every n-th job; ``wait`` returns once every file is there."""
+    """Figures being drawn into ``folder`` by the child ``prefork`` readied (forked now if
+    there is none) with up to ``processes`` processes; ``wait`` returns once every file is
+    there."""
 
     def __init__(self, jobs: FigureJobs, folder: Path, processes: int = 1) -> None:
+        global _ready
         self.jobs, self.folder = jobs, folder
-        self._children: list[tuple[_Child | None, FigureJobs]] = []  # None: drawn here
-        prefork(processes)
-        children, _idle[:] = _idle[:], []
-        names = list(jobs)
-        for share, child in enumerate(children):
-            mine = {name: jobs[name] for name in names[share :: len(children)]}
-            try:
-                if mine:
-                    child.jobs.send((mine, folder))
-                self._children.append((child, mine))
-            except Exception as exc:  # a job that cannot be pickled is drawn here
-                log.warning("figures %s not sent to a child (%s); drawing them here", list(mine), exc)
-                child.process.terminate()
-                self._children.append((None, mine))
-            finally:
-                child.jobs.close()
+        prefork()
+        drawer, _ready = _ready, None
+        self._drawer: _Drawer | None = None
+        if drawer is None:
+            return
+        try:
+            drawer.jobs.send((jobs, processes, folder))
+            self._drawer = drawer
+        except Exception as exc:  # a job that cannot be pickled: all are drawn here
+            log.warning("figures not sent to the drawing process (%s); drawing them here", exc)
+            drawer.process.terminate()
+        finally:
+            drawer.jobs.close()
 
     def stop(self) -> None:
-        """End children still drawing (the run stopped before it needed the figures)."""
-        for child, _ in self._children:
-            if child is not None and child.process.is_alive():
-                child.process.terminate()
-                child.process.join()
+        """End a child still drawing (the run stopped before it needed the figures)."""
+        if self._drawer is not None and self._drawer.process.is_alive():
+            self._drawer.process.terminate()
+            self._drawer.process.join()
 
     def wait(self) -> Path:
-        """The folder, every figure in it: what a child failed to draw is drawn here."""
-        if not self._children:
-            _draw(self.jobs, self.folder)
-        for child, mine in self._children:
-            if child is not None:
-                child.process.join()
-                if not mine or child.process.exitcode == 0:
-                    continue
-                log.warning(
-                    "drawing figures in a child process failed (exit %s); drawing them here",
-                    child.process.exitcode,
-                )
-            _draw(mine, self.folder)
+        """The folder, every figure in it: if the child failed, they are drawn here."""
+        if self._drawer is not None:
+            self._drawer.process.join()
+            if self._drawer.process.exitcode == 0:
+                return self.folder
+            log.warning(
+                "drawing figures in a child process failed (exit %s); drawing them here",
+                self._drawer.process.exitcode,
+            )
+        _draw(self.jobs, self.folder)
         return self.folder
 
 
 @contextmanager
 def rendering(jobs: FigureJobs, processes: int = 1) -> Iterator[Rendering]:
-    """Draw ``jobs`` in the children ``prefork`` readied (at least ``processes``, forked now if
-    missing); the temporary folder is removed when the block ends."""
+    """Draw ``jobs`` in the child ``prefork`` readied, with up to ``processes`` processes; the
+    temporary folder is removed when the block ends."""
     folder = Path(tempfile.mkdtemp(prefix="sweeplab-figures-"))
     drawing = Rendering(jobs, folder, processes)
     try:

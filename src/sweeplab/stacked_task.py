@@ -12,11 +12,9 @@ import contextlib
 import functools
 import logging
 import math
-import os
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweeplab import render
 from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.job import Job
 from sweeplab.phases import (
@@ -82,8 +80,6 @@ def _train_together(
     name: str,
     guard: SignalGuard,
 ) -> dict[int, float]:
-    if fresh[0][1].cfg.tracking.figures:  # one child per core will draw the members' figures
-        render.prefork(os.cpu_count() or 1)
     first = build(fresh[0][1], fresh[0][2])
     loaded = (first.data, first.dataset)
     sessions = [first] + [build(start, watch, loaded) for _, start, watch in fresh[1:]]
