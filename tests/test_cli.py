@@ -1,5 +1,6 @@
 """The ``sweeplab`` command as users run it: one run per call, clear errors for bad input."""
 
+import gc
 import hashlib
 import os
 import re
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from conftest import CONF, FAST, SWEEPLAB, run_cli
+from sweeplab.commands import imports_done
 
 
 def _runs(uri: str) -> list[mlflow.entities.Run]:
@@ -255,3 +257,18 @@ def test_tiny_mnist_files_train_offline(tmp_path: Path, store: str, tiny_mnist: 
     raw = sorted((tiny_mnist / "MNIST" / "raw").iterdir())
     assert dataset_input.dataset.digest == hashlib.md5(b"".join(p.read_bytes() for p in raw)).hexdigest()
     assert str(tiny_mnist / "MNIST" / "raw") in dataset_input.dataset.source
+
+
+def test_the_collector_comes_back_on_only_where_a_command_turned_it_off() -> None:
+    """A command imports with the collector off, then freezes the imports and collects as
+    usual; sweeplab imported as a library leaves the collector alone."""
+    frozen = gc.get_freeze_count()
+    imports_done()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    gc.disable()
+    try:
+        imports_done()
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.enable()

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # importing the registries stores every group's schema in Hydra's ConfigStore before composition
 from sweeplab import CONFIG_PATH, data, models, optimizers, schedulers, schema  # noqa: F401
+from sweeplab.commands import imports_done
 from sweeplab.environment import apply_defaults
 from sweeplab.errors import ConfigError
 from sweeplab.interrupt import Interrupted, SignalGuard
@@ -56,6 +57,7 @@ def main(cfg: DictConfig) -> float:
             validate(cfg)  # every config error before the heavy imports of the task
             from sweeplab.task import run
 
+            imports_done()  # torch._dynamo (validation built an optimizer) and MLflow: imported
             results = run(cfg, job, guard)
     except Interrupted as stop:  # the run is KILLED and checkpointed
         log.error("%s", stop)

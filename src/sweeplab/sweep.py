@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from sweeplab.commands import imports_done
 from sweeplab.interrupt import Interrupted
 from sweeplab.job import ENV_PARENT_RUN, ENV_URI, Job
 from sweeplab.record import (
@@ -70,6 +71,8 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from sweeplab.tracking import Tracker
+
+        imports_done()  # what the launching process needs is imported: collect as usual
 
         tracking: TrackingConfig = OmegaConf.to_object(config.tracking)
         tracker = Tracker(tracking, Path(config.hydra.runtime.cwd), os.environ)
