@@ -15,6 +15,7 @@ recipe for pools and ``os.fork``).
 """
 
 import dataclasses
+import gc
 import importlib
 import logging
 import math
@@ -114,6 +115,7 @@ class ForkLauncher(Launcher):
         _LAUNCHER, _LAUNCHING_PID = self, os.getpid()
         _watch_connections()
         jobs = [(initial_job_idx + idx, list(overrides)) for idx, overrides in enumerate(job_overrides)]
+        gc.freeze()  # what the jobs inherit: out of their collections' sight, so its pages stay shared
         return _Workers(workers, max(1, cores // workers)).run(jobs)
 
 
