@@ -318,10 +318,10 @@ WIDE_SEEDS = "0,1,2,3,4,5,6,7"
 
 
 def stacked_sweep(
-    root: str, launcher: list[str], workdir: Path, grid: list[str], device: str
+    root: str, launcher: list[str], workdir: Path, grid: list[str], device: str, figures: int
 ) -> tuple[float, list]:
     """Wall time of the sweep ``grid`` with ``launcher``, and its children, which must all be
-    FINISHED with every figure of their model and a logged model."""
+    FINISHED with their ``figures`` figures and a logged model."""
     command = [str(Path(sys.executable).with_name("sweeplab")), "-m", *launcher, *grid, f"device={device}"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"SWEEPLAB_DATA_DIR": root}
     started = time.perf_counter()
@@ -329,7 +329,6 @@ def stacked_sweep(
     wall = time.perf_counter() - started
     client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     children = [r for r in client.search_runs(["1"]) if r.data.tags.get(TAG_SWEEP) != "parent"]
-    figures = 6 if "experiment=seed_mlp" in grid else 4  # the MLP adds two hidden-layer PCAs
     complete = [
         r
         for r in children
@@ -346,13 +345,13 @@ def _mean(children: list, key: str) -> float:
     return sum(r.data.metrics[key] for r in children) / len(children)
 
 
+def sweep_grid(preset: str, lrs: str, seeds: str, epochs: int) -> list[str]:
+    """The overrides of a learning rate x seed sweep of ``preset``."""
+    return [f"experiment={preset}", f"optimizer.lr={lrs}", f"seed={seeds}", f"trainer.epochs={epochs}"]
+
+
 def stacked(root: str, epochs: int, device: str) -> None:
-    grid = [
-        "experiment=seed_logreg",
-        f"optimizer.lr={STACKED_LRS}",
-        f"seed={STACKED_SEEDS}",
-        f"trainer.epochs={epochs}",
-    ]
+    grid = sweep_grid("seed_logreg", STACKED_LRS, STACKED_SEEDS, epochs)
     print(f"\n== 16-job sweep {' '.join(grid)} device={device}, fresh sqlite store each")
     launchers = {
         "stacked": ["hydra/launcher=stacked"],
@@ -362,7 +361,7 @@ def stacked(root: str, epochs: int, device: str) -> None:
     print(f"{'launcher':18} {'wall s':>8} {'train s/model-epoch':>20} {'record s/member':>16}")
     for name, launcher in launchers.items():
         with tempfile.TemporaryDirectory() as workdir:
-            wall, children = stacked_sweep(root, launcher, Path(workdir), grid, device)
+            wall, children = stacked_sweep(root, launcher, Path(workdir), grid, device, figures=4)
         walls[name] = wall
         # a member's training seconds are its stack's: per model-epoch divide by the stack's size
         per_model_epoch = _mean(children, "time/training_s") / epochs / (16 if name == "stacked" else 1)
@@ -373,15 +372,13 @@ def stacked(root: str, epochs: int, device: str) -> None:
 
 def stacked_wide(root: str, epochs: int, device: str) -> None:
     """The 64-job seed_mlp sweep, stacked only (one stack of 64): what a GPU makes of it."""
-    grid = [
-        "experiment=seed_mlp",
-        f"optimizer.lr={WIDE_LRS}",
-        f"seed={WIDE_SEEDS}",
-        f"trainer.epochs={epochs}",
-    ]
+    grid = sweep_grid("seed_mlp", WIDE_LRS, WIDE_SEEDS, epochs)
     print(f"\n== 64-job sweep {' '.join(grid)} hydra/launcher=stacked device={device}")
     with tempfile.TemporaryDirectory() as workdir:
-        wall, children = stacked_sweep(root, ["hydra/launcher=stacked"], Path(workdir), grid, device)
+        # the MLP's figures: logreg's four and the PCA of its two hidden layers
+        wall, children = stacked_sweep(
+            root, ["hydra/launcher=stacked"], Path(workdir), grid, device, figures=6
+        )
         client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlflow.db")
         epoch_s = max(
             m.value for r in children for m in client.get_metric_history(r.info.run_id, "time/epoch_s")
