@@ -6,7 +6,7 @@ hundred thousand long-lived objects, before it does any work. At its default thr
 runs full collections over that growing heap while it imports, for nothing: none of it is
 garbage. ``imports_done`` freezes what was imported (``gc.freeze``: no later collection looks at
 it again, forked children included) and collects as usual from then on. ``sweeplab
-experiment=seed_logreg``: 6.48 s before, 5.17 s after (medians of four, alternating).
+experiment=seed_logreg``: 6.37 s before, 4.86 s after (medians of five, alternating).
 """
 
 import gc
