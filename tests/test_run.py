@@ -1,10 +1,12 @@
 """End-to-end runs on the synthetic dataset into a throwaway sqlite store."""
 
 import math
+import sys
 
 import mlflow
 import pytest
 import torch
+from mlflow.utils import requirements_utils
 
 from conftest import FAST
 from sweeplab.data import load_data
@@ -29,7 +31,8 @@ def _only_run(uri: str) -> mlflow.entities.Run:
     return logged
 
 
-def test_run_logs_params_metrics_figures_and_model(compose_cfg, store: str, job) -> None:
+def test_run_logs_params_metrics_figures_and_model(compose_cfg, store: str, job, monkeypatch) -> None:
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)  # as in a fresh process
     cfg = compose_cfg([*FAST, "optimizer.lr=0.05", "model.hidden_dims=[32,16]"])
     (job.output_dir / ".hydra").mkdir()
     (job.output_dir / ".hydra" / "overrides.yaml").write_text("- data=synthetic\n")
@@ -69,6 +72,10 @@ def test_run_logs_params_metrics_figures_and_model(compose_cfg, store: str, job)
     model = mlflow.pytorch.load_model(f"runs:/{logged.info.run_id}/model")
     data = load_data(cfg.data, torch.device("cpu"))
     assert evaluate(model, data.test, 1024).acc == pytest.approx(metrics["test/acc"], abs=0)
+    (output,) = client.get_run(logged.info.run_id).outputs.model_outputs
+    assert client.get_logged_model(output.model_id).status == "READY"
+    if sys.platform == "linux":  # the child that wrote the model's files walked them, not the run
+        assert requirements_utils._MODULES_TO_PACKAGES is None
 
 
 def test_artifacts_go_beside_the_database(compose_cfg, store: str, job, tmp_path) -> None:

@@ -20,12 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sweeplab import checkpoint, figures
+from sweeplab.artifacts import writing
 from sweeplab.data import Data, Split, load_data
 from sweeplab.device import resolve_device
 from sweeplab.errors import ConfigError
 from sweeplab.models import MODELS
 from sweeplab.record import TAG_EVALUATED, TAG_EVALUATED_FROM, flatten
-from sweeplab.render import rendering
 from sweeplab.schema import EvalConfig
 from sweeplab.tracking import RunLog, Tracker
 from sweeplab.train import evaluate
@@ -152,8 +152,8 @@ def _log_figures(
         "confusion_matrix": functools.partial(figures.confusion_matrix, y, y_pred, data.classes, split=name),
         **figures.pca_jobs(model, split.x[picked.to(split.x.device)], y[picked.numpy()], data.classes),
     }
-    with rendering(jobs) as drawing:
-        run_log.log_folder(drawing.wait(), "figures")
+    with writing(figures.png_files(jobs)) as files:
+        run_log.log_folder(files.wait(), "figures")
 
 
 def _metric_safe(label: str) -> str:

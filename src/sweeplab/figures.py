@@ -6,20 +6,33 @@ Plotting helpers take plain arrays so they work for any model and dataset. Figur
 points use fixed margins: a constrained layout draws them twice, doubling the save time.
 SciPy's filter and scikit-learn's PCA and metrics are imported where a figure is drawn, so a run
 that draws none does not pay for them; one that does imports them in the children that draw
-(``sweeplab.render``). Jobs are partials of the functions here, so they can be sent there.
+(``sweeplab.artifacts``). Jobs are partials of the functions here, so they can be sent there.
 """
 
 import functools
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from sweeplab.artifacts import FileJobs
 from sweeplab.data import Data
-from sweeplab.render import FigureJobs
 from sweeplab.representations import representations
 from sweeplab.state import History
+
+FigureJobs = dict[str, Callable[[], Figure]]  # picklable: module-level functions, partials
+
+
+def png_files(jobs: FigureJobs) -> FileJobs:
+    """``jobs`` as jobs writing ``<name>.png``, for ``sweeplab.artifacts``."""
+    return {f"{name}.png": functools.partial(_save_png, make) for name, make in jobs.items()}
+
+
+def _save_png(make: Callable[[], Figure], path: Path) -> None:
+    make().savefig(path)
 
 
 def samples(x: np.ndarray, y: np.ndarray, classes: list[str], shape: tuple[int, ...]) -> Figure:

@@ -21,7 +21,7 @@ import torch
 from mlflow.data.dataset import Dataset
 from omegaconf import DictConfig, OmegaConf
 
-from sweeplab import checkpoint, figures, render, warmup
+from sweeplab import artifacts, checkpoint, figures, warmup
 from sweeplab.checkpoint import Checkpointer
 from sweeplab.data import Data, load_data
 from sweeplab.device import resolve_device
@@ -49,7 +49,7 @@ from sweeplab.seeding import seed_everything
 from sweeplab.state import History, MetricRows, Progress, TrainingState
 from sweeplab.sweep import previous_run
 from sweeplab.timing import Stopwatch, timed
-from sweeplab.tracking import RunLog, Tracker, tracking_uri
+from sweeplab.tracking import ModelFiles, RunLog, Tracker, tracking_uri
 from sweeplab.train import Evaluation, evaluate, fit, steps_per_epoch
 from sweeplab.validation import validate
 
@@ -151,9 +151,11 @@ def build(start: Start, watch: Stopwatch, loaded: "tuple[Data, Dataset] | None" 
         checkpointing: CheckpointConfig = OmegaConf.to_object(cfg.checkpoint)
         device = resolve_device(cfg.device)
         generator = seed_everything(cfg.seed)
-        if tracking.figures and loaded is None:
-            render.prefork()  # its libraries import on another core while this one loads and trains
-        warmup.start(tracking.log_model, device.type == "cuda")  # while the data loads
+        if (tracking.figures or tracking.log_model) and loaded is None:
+            # it prepares on another core while this one loads and trains
+            artifacts.prefork(figures=tracking.figures, models=tracking.log_model)
+        if device.type == "cuda":
+            warmup.start()  # while the data loads
     if loaded is None:
         with watch("data"):
             data = load_data(cfg.data, device)
@@ -250,8 +252,8 @@ def evaluate_test(session: Session, record: Record, history: History) -> Evaluat
 
 
 def record_outputs(session: Session, record: Record, history: History, test: Evaluation) -> None:
-    """Figures (drawn in a child process while this one logs the model), the model, and the
-    seconds every phase took."""
+    """Figures and the model (their files written by a child process), and the seconds every
+    phase took."""
     record_many([(session, record, history, test)])
 
 
@@ -259,29 +261,40 @@ Outcome = tuple[Session, Record, History, Evaluation]
 
 
 def record_many(outcomes: list[Outcome]) -> None:
-    """``record_outputs`` for several runs at once (a stack's members): their figures are drawn
+    """``record_outputs`` for several runs at once (a stack's members): their files are written
     by child processes, one per core, each figure that depends only on the data and the seed
-    once per seed, while this process logs the models one after another."""
+    once per seed; this process then logs them run by run."""
     wanted = [_figure_jobs(*outcome) for outcome in outcomes]
     unique: figures.FigureJobs = {}
     for jobs in wanted:
         unique |= {file: make for file, (_, make) in jobs.items() if file not in unique}
-    processes = os.cpu_count() or 1
-    with render.rendering(unique, processes) as drawing:
-        for session, record, history, _ in outcomes:
+    files = figures.png_files(unique)
+    pending: dict[str, tuple[RunLog, ModelFiles]] = {}
+    try:
+        for session, record, _, _ in outcomes:
             if session.tracking.log_model:
                 with session.watch("model_logging"):
-                    warmup.wait()  # MLflow's map of installed distributions is ready
-                    step = history.epoch_end_steps[-1]
-                    record.log.log_model(session.training.model, session.data.test.x[:5], step)
-        folder = drawing.wait() if unique else None
-        for (session, record, history, _), jobs in zip(outcomes, wanted, strict=True):
-            if jobs:
-                with session.watch("figures"), tempfile.TemporaryDirectory() as own:
-                    for file, (name, _) in jobs.items():
-                        shutil.copyfile(folder / f"{file}.png", Path(own) / f"{name}.png")
-                    record.log.log_folder(Path(own), "figures")
-            record.log.log_metrics(session.watch.metrics(), step=history.epoch_end_steps[-1])
+                    model = record.log.new_model(session.training.model, session.data.test.x[:5])
+                pending[f"model-{record.log.run_id}"] = (record.log, model)
+        files |= {name: model for name, (_, model) in pending.items()}
+        warmup.wait()  # no thread running should a child be forked now
+        with artifacts.writing(files, processes=os.cpu_count() or 1) as written:
+            folder = written.wait() if files else None
+            for (session, record, history, _), jobs in zip(outcomes, wanted, strict=True):
+                step = history.epoch_end_steps[-1]
+                if session.tracking.log_model:
+                    with session.watch("model_logging"):
+                        name = f"model-{record.log.run_id}"
+                        record.log.log_model(pending.pop(name)[1], folder / name, step)
+                if jobs:
+                    with session.watch("figures"), tempfile.TemporaryDirectory() as own:
+                        for file, (name, _) in jobs.items():
+                            shutil.copyfile(folder / f"{file}.png", Path(own) / f"{name}.png")
+                        record.log.log_folder(Path(own), "figures")
+                record.log.log_metrics(session.watch.metrics(), step=step)
+    finally:
+        for run_log, model in pending.values():  # its files were never logged
+            run_log.drop_model(model)
 
 
 def _figure_jobs(
@@ -292,7 +305,6 @@ def _figure_jobs(
     if not session.tracking.figures:
         return {}
     with session.watch("figures"):
-        warmup.wait()  # no thread running should a child be forked now
         jobs = figures.run_jobs(
             session.training.model,
             session.data,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 from filelock import FileLock
 from mlflow.data.dataset import Dataset
@@ -276,41 +277,65 @@ class RunLog:
             log.debug("retrying the dataset input after: %s", exc)
             self.client.log_inputs(self.run_id, datasets=inputs)
 
-    def log_model(self, model: torch.nn.Module, example: torch.Tensor, step: int) -> None:
-        """The model, on CPU, with a signature, as this run's MLflow logged model ``model``.
-
-        Pickled rather than exported with ``torch.export`` ("pt2"): exporting took ~3.7 s per
-        MLP here against 0.06 s, and the pickle loads back as the sweeplab class itself (hidden
-        layers by name included). Loading it needs sweeplab importable. The steps are those of
-        ``mlflow.pytorch.log_model``, through this run's client instead of the global one.
-        """
+    def new_model(self, model: torch.nn.Module, example: torch.Tensor) -> "ModelFiles":
+        """This run's logged model ``model``, created PENDING, and the job that writes its files
+        (``log_model`` logs them). The steps are those of ``mlflow.pytorch.log_model``, through
+        this run's client instead of the global one."""
         model = copy.deepcopy(model).cpu().eval()
         with torch.inference_mode():
             output = model(example.cpu())
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
         logged = self.client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=self.run_id)
+        mlflow_model = Model(
+            artifact_path=logged.artifact_location, run_id=self.run_id, model_id=logged.model_id
+        )
+        return ModelFiles(model, example.cpu().numpy(), output.numpy(), mlflow_model)
+
+    def log_model(self, files: "ModelFiles", folder: Path, step: int) -> None:
+        """The ``folder`` that ``files`` wrote, as its logged model: READY, an output of this run
+        at ``step``."""
+        model_id = files.mlflow_model.model_id
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / MODEL_NAME
-                mlflow.pytorch.save_model(
-                    model,
-                    local,
-                    mlflow_model=Model(
-                        artifact_path=logged.artifact_location, run_id=self.run_id, model_id=logged.model_id
-                    ),
-                    signature=infer_signature(example.cpu().numpy(), output.numpy()),
-                    serialization_format="pickle",
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                )
-                self.client.log_model_artifacts(logged.model_id, str(local))
+            self.client.log_model_artifacts(model_id, str(folder))
         except BaseException:
-            self.client.finalize_logged_model(logged.model_id, "FAILED")
+            self.drop_model(files)
             raise
-        self.client.finalize_logged_model(logged.model_id, "READY")
-        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step)])
+        self.client.finalize_logged_model(model_id, "READY")
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step)])
+
+    def drop_model(self, files: "ModelFiles") -> None:
+        """A logged model whose files were never logged ends FAILED."""
+        self.client.finalize_logged_model(files.mlflow_model.model_id, "FAILED")
 
     def end(self, status: str, reason: str | None = None) -> None:
         """End the run with ``status``; a FAILED or KILLED run is tagged with ``reason``."""
         if reason:
             self.set_tag(TAG_FAILURE if status == "FAILED" else TAG_STOPPED, reason[:5000])
         self.client.set_terminated(self.run_id, status)
+
+
+@dataclasses.dataclass
+class ModelFiles:
+    """Writes a logged model's folder as ``mlflow.pytorch.save_model`` does: a picklable job for
+    the child process that writes a run's artifacts (``sweeplab.artifacts``), where MLflow's
+    check of the requirements against the installed distributions costs this process nothing.
+
+    Pickled rather than exported with ``torch.export`` ("pt2"): exporting took ~3.7 s per MLP
+    here against 0.06 s, and the pickle loads back as the sweeplab class itself (hidden layers by
+    name included). Loading it needs sweeplab importable.
+    """
+
+    model: torch.nn.Module  # on CPU, in eval mode
+    example: np.ndarray  # an input and the model's output on it: the signature
+    output: np.ndarray
+    mlflow_model: Model  # the logged model's ids, written into its MLmodel file
+
+    def __call__(self, path: Path) -> None:
+        mlflow.pytorch.save_model(
+            self.model,
+            path,
+            mlflow_model=self.mlflow_model,
+            signature=infer_signature(self.example, self.output),
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )

@@ -103,12 +103,9 @@ class ForkLauncher(Launcher):
         workers = max(1, min(cores if self.n_jobs < 1 else self.n_jobs, len(job_overrides)))
         for module in self.preload:
             importlib.import_module(module)
-        from sweeplab import render, warmup
+        from sweeplab import artifacts
 
-        for module in render.FIGURE_MODULES:  # once here rather than once per job
-            importlib.import_module(module)
-        warmup.start(log_model=True)
-        warmup.wait()
+        artifacts.preload(figures=True, models=True)  # once here rather than once per job
         log.info("Launching %d jobs in %d forked workers", len(job_overrides), workers)
         for idx, overrides in enumerate(job_overrides):
             log.info("\t#%d : %s", initial_job_idx + idx, " ".join(filter_overrides(overrides)))

@@ -1,4 +1,5 @@
-"""Figures drawn by children forked before they are needed, and what happens when that fails."""
+"""Artifact files written by children forked before they are needed, and what happens when that
+fails."""
 
 import functools
 import os
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
-from sweeplab import render
-from sweeplab.render import rendering
+from sweeplab import artifacts
+from sweeplab.artifacts import writing
+from sweeplab.figures import png_files
 
 LINUX = sys.platform == "linux"
 
@@ -30,10 +32,10 @@ def test_figures_are_drawn_by_a_preforked_child_and_its_helper_and_the_folder_is
     tmp_path: Path,
 ) -> None:
     pids = tmp_path / "pids"
-    render.prefork()  # as a run does when it starts: the child imports while the run trains
+    artifacts.prefork(figures=True, models=False)  # as a run does: the child imports while it trains
     jobs = {name: functools.partial(_figure, name, pids) for name in ["a", "b", "c"]}
-    with rendering(jobs, processes=2) as drawing:
-        folder = drawing.wait()
+    with writing(png_files(jobs), processes=2) as written:
+        folder = written.wait()
         assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.png", "c.png"]
         assert all(p.read_bytes().startswith(b"\x89PNG") for p in folder.iterdir())
     assert not folder.exists()
@@ -43,24 +45,27 @@ def test_figures_are_drawn_by_a_preforked_child_and_its_helper_and_the_folder_is
 
 
 def test_a_failing_figure_raises_its_own_error_here() -> None:
-    with rendering({"broken": _broken}) as drawing, pytest.raises(ValueError, match="no data to plot"):
-        drawing.wait()  # the child failed; drawing again here shows the real error
+    with (
+        writing(png_files({"broken": _broken})) as written,
+        pytest.raises(ValueError, match="no data to plot"),
+    ):
+        written.wait()  # the child failed; drawing again here shows the real error
 
 
 def test_a_job_that_cannot_be_sent_is_drawn_here(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     pids = tmp_path / "pids"
-    with rendering({"local": lambda: _figure("local", pids)}) as drawing:
-        assert (drawing.wait() / "local.png").is_file()
+    with writing(png_files({"local": lambda: _figure("local", pids)})) as written:
+        assert (written.wait() / "local.png").is_file()
     assert pids.read_text().split() == [str(os.getpid())]
     if LINUX:
-        assert len([r for r in caplog.records if "drawing them here" in r.message]) == 1
+        assert len([r for r in caplog.records if "writing them here" in r.message]) == 1
 
 
 @pytest.mark.skipif(not LINUX, reason="children are forked on Linux only")
 def test_an_idle_child_ends_with_its_pipe() -> None:
     """A run that ends before its figures (a diverged one) leaves no child behind."""
-    render.prefork()
-    child = render._ready.process
-    render._release()
+    artifacts.prefork(figures=True, models=True)
+    child = artifacts._ready.process
+    artifacts._release()
     child.join(timeout=30)
     assert child.exitcode == 0
