@@ -11,6 +11,7 @@ from mlflow.utils import requirements_utils
 from conftest import FAST
 from sweeplab.data import load_data
 from sweeplab.task import run
+from sweeplab.tracking import ModelFiles
 from sweeplab.train import evaluate
 
 FIGURES = {"samples", "curves", "pca_input", "pca_hidden1", "pca_hidden2", "confusion_matrix"}
@@ -110,6 +111,22 @@ def test_val_size_zero_trains_on_every_training_sample(compose_cfg, store: str, 
     logged = _only_run(store)
     assert "val/acc" not in logged.data.metrics and "best/val_acc" not in results
     assert logged.data.metrics["throughput/samples_per_s"] > 0
+
+
+def test_a_model_whose_files_cannot_be_written_ends_failed_with_its_run(
+    compose_cfg, store: str, job, monkeypatch
+) -> None:
+    def full_disk(files: ModelFiles, path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ModelFiles, "__call__", full_disk)  # in the writing child and here
+    with pytest.raises(OSError, match="No space left"):
+        run(compose_cfg([*FAST, "tracking.figures=false"]), job)
+    logged = _only_run(store)
+    assert logged.info.status == "FAILED" and "No space left" in logged.data.tags["sweeplab.failure"]
+    client = mlflow.MlflowClient(store)
+    (model,) = client.search_logged_models([logged.info.experiment_id])
+    assert model.status == "FAILED"
 
 
 def test_diverging_run_ends_failed(compose_cfg, store: str, job) -> None:
