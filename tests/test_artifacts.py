@@ -4,6 +4,7 @@ fails."""
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,31 @@ def test_a_job_that_cannot_be_sent_is_drawn_here(tmp_path: Path, caplog: pytest.
     assert pids.read_text().split() == [str(os.getpid())]
     if LINUX:
         assert len([r for r in caplog.records if "writing them here" in r.message]) == 1
+
+
+def _write_now(path: Path) -> None:
+    path.write_text("early")
+
+
+def _write_after(marker: Path, path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{marker} never appeared")
+        time.sleep(0.01)
+    path.write_text("late")
+
+
+@pytest.mark.skipif(not LINUX, reason="children are forked on Linux only")
+def test_each_file_is_ready_as_soon_as_it_is_written(tmp_path: Path) -> None:
+    """A stack logs a member's files while the next member's are still being written."""
+    marker = tmp_path / "go"
+    jobs = {"early": _write_now, "late": functools.partial(_write_after, marker)}
+    with writing(jobs) as written:
+        folder = written.ready(["early"])
+        assert (folder / "early").read_text() == "early" and not (folder / "late").exists()
+        marker.touch()  # only now can the child write the other file
+        assert (written.wait() / "late").read_text() == "late"
 
 
 @pytest.mark.skipif(not LINUX, reason="children are forked on Linux only")

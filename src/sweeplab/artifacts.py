@@ -29,7 +29,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -59,6 +59,7 @@ def preload(figures: bool, models: bool) -> None:
 class _Writer:
     process: multiprocessing.process.BaseProcess
     jobs: Connection  # where the jobs go, once
+    done: Connection  # the name of each job written, as it is
 
 
 _ready: _Writer | None = None
@@ -74,12 +75,14 @@ def prefork(*, figures: bool, models: bool) -> None:
     if _ready is not None and _ready.process.is_alive():
         return
     context = multiprocessing.get_context("fork")
-    reader, writer = context.Pipe(duplex=False)
-    args = (reader, writer, figures, models)
+    jobs_out, jobs_in = context.Pipe(duplex=False)
+    done_out, done_in = context.Pipe(duplex=False)
+    args = (jobs_out, done_in, (jobs_in, done_out), figures, models)
     process = context.Process(target=_serve, args=args, name="sweeplab-artifacts")
     process.start()
-    reader.close()
-    _ready = _Writer(process, writer)
+    jobs_out.close()  # the child's ends: a pipe ends (EOF) when no process holds its write end
+    done_in.close()
+    _ready = _Writer(process, jobs_in, done_out)
 
 
 def _release() -> None:
@@ -87,18 +90,22 @@ def _release() -> None:
     global _ready
     if _ready is not None:
         _ready.jobs.close()
+        _ready.done.close()
         _ready = None
 
 
 atexit.register(_release)  # before multiprocessing's own exit handler, which joins children
 
 
-def _serve(jobs: Connection, writer: Connection, figures: bool, models: bool) -> None:
+def _serve(
+    jobs: Connection, done: Connection, parents: tuple[Connection, ...], figures: bool, models: bool
+) -> None:
     # a Ctrl-C reaches the whole process group: the parent stops the run, the child just ends
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)
-    writer.close()  # the fork's copy of the write end: only the parent's may keep the pipe open
-    os.nice(10)
+    for end in parents:  # the fork's copies of the parent's ends
+        end.close()
+    os.nice(10)  # the run's own threads go first
     preload(figures, models)
     try:
         work, processes, folder = pickle.loads(jobs.recv_bytes())
@@ -110,40 +117,39 @@ def _serve(jobs: Connection, writer: Connection, figures: bool, models: bool) ->
     for share in range(1, shares):
         pid = os.fork()
         if pid == 0:  # a helper: its share, then gone
-            _write_share(work, names[share::shares], folder)
+            _write_share(work, names[share::shares], folder, done)
             os._exit(0)
         helpers.append(pid)
-    _write_share(work, names[::shares], folder)
+    _write_share(work, names[::shares], folder, done)
     if any(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0 for pid in helpers):
         os._exit(1)
 
 
-def _write_share(work: FileJobs, names: list[str], folder: Path) -> None:
+def _write_share(work: FileJobs, names: list[str], folder: Path, done: Connection) -> None:
     try:
         with threadpool_limits(1):  # one core for PCA's BLAS: the others draw or log
-            _write({name: work[name] for name in names}, folder)
+            for name in names:
+                work[name](folder / name)
+                done.send_bytes(name.encode())  # one short write: atomic beside the helpers'
     except BaseException:
         os._exit(1)
 
 
-def _write(jobs: FileJobs, folder: Path) -> None:
-    for name, write in jobs.items():
-        write(folder / name)
-
-
 class Writing:
     """Files being written into ``folder`` by the child ``prefork`` readied (forked now if
-    there is none) with up to ``processes`` processes; ``wait`` returns once every one is
-    there."""
+    there is none) with up to ``processes`` processes, in the order of ``jobs`` (each process
+    takes every ``processes``-th); ``ready`` returns once the files asked for are there."""
 
     def __init__(self, jobs: FileJobs, folder: Path, processes: int = 1) -> None:
         global _ready
         self.jobs, self.folder = jobs, folder
-        if jobs:
-            prefork(figures=False, models=False)  # no time left to preload: the jobs import what they use
-        child, _ready = _ready, None
+        self.written: set[str] = set()
         self._child: _Writer | None = None
-        if child is None or not jobs:
+        if not jobs:
+            return
+        prefork(figures=False, models=False)  # no time left to preload: the jobs import what they use
+        child, _ready = _ready, None
+        if child is None:
             return
         try:
             # plain pickle: the multiprocessing pickler would move tensors to shared memory
@@ -152,29 +158,53 @@ class Writing:
         except Exception as exc:  # a job that cannot be pickled: all are written here
             log.warning("artifacts not sent to the writing process (%s); writing them here", exc)
             child.process.terminate()
+            child.done.close()
         finally:
             child.jobs.close()
 
-    def stop(self) -> None:
-        """End a child still writing (the run stopped before it needed the files)."""
-        if self._child is not None and self._child.process.is_alive():
-            self._child.process.terminate()
-            self._child.process.join()
+    def ready(self, names: Iterable[str]) -> Path:
+        """The folder, once the files ``names`` are in it: if the child failed, what it did not
+        write is written here."""
+        wanted = set(names) - self.written
+        while wanted and self._child is not None:
+            try:
+                name = self._child.done.recv_bytes().decode()
+            except EOFError:  # the child and its helpers are gone without writing them all
+                self._end_child()
+                break
+            self.written.add(name)
+            wanted.discard(name)
+        if wanted:
+            for name in [name for name in self.jobs if name not in self.written]:
+                shutil.rmtree(self.folder / name, ignore_errors=True)  # what a failure left half-written
+                self.jobs[name](self.folder / name)
+                self.written.add(name)
+        return self.folder
 
     def wait(self) -> Path:
-        """The folder, every file in it: if the child failed, they are all written here."""
+        """The folder, every file in it."""
+        self.ready(self.jobs)
+        self._end_child()
+        return self.folder
+
+    def _end_child(self) -> None:
         if self._child is not None:
             self._child.process.join()
-            if self._child.process.exitcode == 0:
-                return self.folder
-            log.warning(
-                "writing artifacts in a child process failed (exit %s); writing them here",
-                self._child.process.exitcode,
-            )
-            shutil.rmtree(self.folder)  # what the child left half-written
-            self.folder.mkdir()
-        _write(self.jobs, self.folder)
-        return self.folder
+            if self._child.process.exitcode != 0:
+                log.warning(
+                    "writing artifacts in a child process failed (exit %s); writing the rest here",
+                    self._child.process.exitcode,
+                )
+            self._child.done.close()
+            self._child = None
+
+    def stop(self) -> None:
+        """End a child still writing (the run stopped before it needed the files)."""
+        if self._child is not None:
+            self._child.process.terminate()
+            self._child.process.join()
+            self._child.done.close()
+            self._child = None
 
 
 @contextmanager

@@ -263,35 +263,35 @@ Outcome = tuple[Session, Record, History, Evaluation]
 def record_many(outcomes: list[Outcome]) -> None:
     """``record_outputs`` for several runs at once (a stack's members): their files are written
     by child processes, one per core, each figure that depends only on the data and the seed
-    once per seed; this process then logs them run by run."""
+    once per seed; this process logs each run's files as soon as they are all written."""
     wanted = [_figure_jobs(*outcome) for outcome in outcomes]
-    unique: figures.FigureJobs = {}
-    for jobs in wanted:
-        unique |= {file: make for file, (_, make) in jobs.items() if file not in unique}
-    files = figures.png_files(unique)
+    files: artifacts.FileJobs = {}
     pending: dict[str, tuple[RunLog, ModelFiles]] = {}
     try:
-        for session, record, _, _ in outcomes:
+        for (session, record, _, _), jobs in zip(outcomes, wanted, strict=True):  # run by run
+            files |= figures.png_files({file: make for file, (_, make) in jobs.items()})
             if session.tracking.log_model:
                 with session.watch("model_logging"):
                     model = record.log.new_model(session.training.model, session.data.test.x[:5])
                 pending[f"model-{record.log.run_id}"] = (record.log, model)
-        files |= {name: model for name, (_, model) in pending.items()}
+                files[f"model-{record.log.run_id}"] = model
         warmup.wait()  # no thread running should a child be forked now
         with artifacts.writing(files, processes=os.cpu_count() or 1) as written:
-            folder = written.wait() if files else None
             for (session, record, history, _), jobs in zip(outcomes, wanted, strict=True):
                 step = history.epoch_end_steps[-1]
+                name = f"model-{record.log.run_id}"
                 if session.tracking.log_model:
+                    folder = written.ready([name])
                     with session.watch("model_logging"):
-                        name = f"model-{record.log.run_id}"
                         record.log.log_model(pending.pop(name)[1], folder / name, step)
                 if jobs:
+                    folder = written.ready(f"{file}.png" for file in jobs)
                     with session.watch("figures"), tempfile.TemporaryDirectory() as own:
-                        for file, (name, _) in jobs.items():
-                            shutil.copyfile(folder / f"{file}.png", Path(own) / f"{name}.png")
+                        for file, (figure, _) in jobs.items():
+                            shutil.copyfile(folder / f"{file}.png", Path(own) / f"{figure}.png")
                         record.log.log_folder(Path(own), "figures")
                 record.log.log_metrics(session.watch.metrics(), step=step)
+            written.wait()
     finally:
         for run_log, model in pending.values():  # its files were never logged
             run_log.drop_model(model)
