@@ -269,24 +269,24 @@ def record_many(outcomes: list[Outcome]) -> None:
     pending: dict[str, tuple[RunLog, ModelFiles]] = {}
     try:
         for (session, record, _, _), jobs in zip(outcomes, wanted, strict=True):  # run by run
-            files |= figures.png_files({file: make for file, (_, make) in jobs.items()})
-            if session.tracking.log_model:
+            if session.tracking.log_model:  # first: its files take a fraction of a figure's time
                 with session.watch("model_logging"):
                     model = record.log.new_model(session.training.model, session.data.test.x[:5])
                 pending[f"model-{record.log.run_id}"] = (record.log, model)
                 files[f"model-{record.log.run_id}"] = model
+            files |= figures.png_files({file: make for file, (_, make) in jobs.items()})
         warmup.wait()  # no thread running should a child be forked now
         with artifacts.writing(files, processes=os.cpu_count() or 1) as written:
             for (session, record, history, _), jobs in zip(outcomes, wanted, strict=True):
                 step = history.epoch_end_steps[-1]
                 name = f"model-{record.log.run_id}"
                 if session.tracking.log_model:
-                    folder = written.ready([name])
-                    with session.watch("model_logging"):
+                    with session.watch("model_logging"):  # waiting for its files included
+                        folder = written.ready([name])
                         record.log.log_model(pending.pop(name)[1], folder / name, step)
                 if jobs:
-                    folder = written.ready(f"{file}.png" for file in jobs)
                     with session.watch("figures"), tempfile.TemporaryDirectory() as own:
+                        folder = written.ready(f"{file}.png" for file in jobs)
                         for file, (figure, _) in jobs.items():
                             shutil.copyfile(folder / f"{file}.png", Path(own) / f"{figure}.png")
                         record.log.log_folder(Path(own), "figures")
