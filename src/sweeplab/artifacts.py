@@ -8,10 +8,12 @@ build of torch) that holds the interpreter lock throughout: in a thread of the r
 slows a loop of small steps several times over (a loop of small CPU ops, measured: 4.8x). None
 of it needs the run's process. On Linux, ``prefork`` forks the child early, when the run starts
 loading its data: it imports the figure libraries and lets MLflow walk the distributions on a
-core of its own while the run trains, then waits for the jobs, which ``writing`` sends it
-pickled once the run has them (plain functions over numpy arrays and CPU modules, each writing
-the file or folder at the path it is given). Many jobs (a stack's members) are shared out: the
-child forks helpers, which inherit its imports and the jobs, one per core. Children touch no
+core of its own, at a lower priority than the run's threads, while the run trains. It then
+waits for the jobs, which ``writing`` sends it pickled once the run has them (plain functions
+over numpy arrays and CPU modules, each writing the file or folder at the path it is given),
+and reports each file as it is written, so a run logs its files as soon as they are there. Many
+jobs (a stack's members) are shared out: the child forks helpers, which inherit its imports and
+the jobs, one per core. Children touch no
 torch device state and no MLflow store (whose sqlite connection must not cross a fork) and
 leave through ``os._exit``, so the parent's exit handlers never run in them; an idle child ends
 when the run's process does. Where fork is unavailable, or writing in a child fails, the files
