@@ -62,6 +62,22 @@ def test_a_job_that_cannot_be_sent_is_drawn_here(tmp_path: Path, caplog: pytest.
         assert len([r for r in caplog.records if "writing them here" in r.message]) == 1
 
 
+def _folder_failing_in_a_child(parent: int, path: Path) -> None:
+    path.mkdir()  # fails if a half-written one were left behind
+    (path / "part").write_text("here" if os.getpid() == parent else "child")
+    if os.getpid() != parent:
+        raise OSError("No space left on device")
+
+
+@pytest.mark.skipif(not LINUX, reason="children are forked on Linux only")
+def test_what_a_failed_child_left_half_written_is_written_again_here(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with writing({"model": functools.partial(_folder_failing_in_a_child, os.getpid())}) as written:
+        assert (written.wait() / "model" / "part").read_text() == "here"
+    assert len([r for r in caplog.records if "writing the rest here" in r.message]) == 1
+
+
 def _write_now(path: Path) -> None:
     path.write_text("early")
 
