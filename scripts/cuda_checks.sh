@@ -3,8 +3,8 @@
 # CUDA device, sweeplab installed and SWEEPLAB_DATA_DIR pointing at the folder holding MNIST/raw.
 #   bash scripts/cuda_checks.sh [work folder, default ./cuda-checks]
 # DEVICE=cpu EPOCHS=1 runs the same steps on CPU (a dry run of the script itself).
-# Prints: the device; seed_mlp twice (time/epoch_s, test/acc, wall; the two must be identical)
-# and seed_logreg, graphs on; the CUDA-only tests (when pytest is installed); the benchmark's
+# Prints: the device; how long MLflow's walk of the installed distributions takes there; seed_mlp
+# twice (time/epoch_s, test/acc, wall; the two must be identical) and seed_logreg, graphs on; the CUDA-only tests (when pytest is installed); the benchmark's
 # eager-vs-graph comparison, seed_mlp's end-to-end breakdown and the 64-job stacked sweep.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,6 +13,9 @@ mkdir -p "$work" && cd "$work"
 export MLFLOW_TRACKING_URI="sqlite:///$PWD/mlflow.db"
 device=${DEVICE:-cuda}
 python -c 'import torch; print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
+# what a run's artifacts child spends before it can write a model (MLflow's requirements check)
+python -c 'import time, importlib_metadata as m; t = time.perf_counter(); n = len(m.packages_distributions())
+print(f"installed distributions walked: {n} modules mapped in {time.perf_counter() - t:.2f} s")'
 
 for preset in seed_mlp seed_mlp seed_logreg; do
   start=$(date +%s.%N)
