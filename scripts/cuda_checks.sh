@@ -4,8 +4,9 @@
 #   bash scripts/cuda_checks.sh [work folder, default ./cuda-checks]
 # DEVICE=cpu EPOCHS=1 runs the same steps on CPU (a dry run of the script itself).
 # Prints: the device; how long MLflow's walk of the installed distributions takes there; seed_mlp
-# twice (time/epoch_s, test/acc, wall; the two must be identical) and seed_logreg, graphs on; the CUDA-only tests (when pytest is installed); the benchmark's
-# eager-vs-graph comparison, seed_mlp's end-to-end breakdown and the 64-job stacked sweep.
+# twice (time/epoch_s, test/acc, wall; the two must be identical) and seed_logreg, graphs on;
+# the CUDA-only tests (when pytest is installed); the benchmark's eager-vs-graph comparison,
+# seed_mlp's end-to-end breakdown and the 64-job stacked sweep.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-cuda-checks}
