@@ -3,8 +3,8 @@ forked before training, while the run goes on; the run then logs them.
 
 Figures need SciPy, scikit-learn and matplotlib (about a second of imports) and about a second
 of drawing. Writing a logged model makes MLflow check its requirements against every installed
-distribution, a walk over their files once per process (~0.3 s here, seconds beside a CUDA
-build of torch) that holds the interpreter lock throughout: in a thread of the run's process it
+distribution, a walk over their files once per process (0.35-0.5 s here; longer where more is
+installed) that holds the interpreter lock throughout: in a thread of the run's process it
 slows a loop of small steps several times over (a loop of small CPU ops, measured: 4.8x). None
 of it needs the run's process. On Linux, ``prefork`` forks the child early, when the run starts
 loading its data: it imports the figure libraries and lets MLflow walk the distributions on a
@@ -13,11 +13,10 @@ waits for the jobs, which ``writing`` sends it pickled once the run has them (pl
 over numpy arrays and CPU modules, each writing the file or folder at the path it is given),
 and reports each file as it is written, so a run logs its files as soon as they are there. Many
 jobs (a stack's members) are shared out: the child forks helpers, which inherit its imports and
-the jobs, one per core. Children touch no
-torch device state and no MLflow store (whose sqlite connection must not cross a fork) and
-leave through ``os._exit``, so the parent's exit handlers never run in them; an idle child ends
-when the run's process does. Where fork is unavailable, or writing in a child fails, the files
-are written in this process.
+the jobs, one per core. Children touch no torch device state and no MLflow store (whose sqlite
+connection must not cross a fork) and leave through ``os._exit``, so the parent's exit handlers
+never run in them; an idle child ends when the run's process does. Where fork is unavailable,
+or writing in a child fails, the files are written in this process.
 """
 
 import atexit
