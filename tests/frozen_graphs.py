@@ -6,11 +6,16 @@ Python, a counter kept in Python, a tensor replaced by a new one, all stay as th
 capture. ``FrozenGraphs`` gives the same contract on CPU: ``capture`` records every aten op the
 step dispatches (with its argument and result tensors) and leaves the state as it was, a replay
 reruns the recorded ops on the recorded tensors. A host sync inside a capture (``.item()``,
-``bool(tensor)``) fails as it does on CUDA. Steps that depend on Python state between replays
-then train differently from eager steps, which is what the tests compare.
+``bool(tensor)``) fails as it does on CUDA, and the current stream is a capturing CUDA stream,
+which optimizers check (Adam refuses to step inside a capture unless made ``capturable``).
+Steps that depend on Python state between replays then train differently from eager steps,
+which is what the tests compare.
 """
 
 from collections.abc import Callable
+from contextlib import ExitStack
+from types import SimpleNamespace
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,6 +47,17 @@ class _Recording(TorchDispatchMode):
         return out
 
 
+def _cuda_stream_capturing() -> ExitStack:
+    """What code asking ``torch.accelerator`` sees inside a CUDA capture."""
+    stream = SimpleNamespace(is_capturing=lambda: True)
+    patches = ExitStack()
+    patches.enter_context(
+        mock.patch.object(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+    )
+    patches.enter_context(mock.patch.object(torch.accelerator, "current_stream", lambda *a, **k: stream))
+    return patches
+
+
 def _tensors(tree: object) -> list[torch.Tensor]:
     return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
 
@@ -60,7 +76,7 @@ class FrozenGraphs:
         self.captures += 1
         recording = _Recording()
         rng = torch.get_rng_state()
-        with recording:
+        with _cuda_stream_capturing(), recording:
             step()
         with torch.no_grad():  # a capture launches nothing: what the step changed is put back
             for tensor, value in recording.before:

@@ -170,12 +170,15 @@ def make_capturable(optimizer: Optimizer, device: torch.device) -> None:
     """Switch ``optimizer`` to its fused kernels with a device-tensor learning rate, in place.
 
     Done after a checkpoint is restored (which brings back float learning rates); the schedule
-    then writes into the tensor (``fill_``) and the graph reads it on every replay.
+    then writes into the tensor (``fill_``) and the graph reads it on every replay. Optimizers
+    with a ``capturable`` flag (Adam, AdamW) refuse to step inside a capture without it.
     """
     for group in optimizer.param_groups:
         lr = group["lr"]
         group["lr"] = torch.tensor(float(lr), device=device) if not torch.is_tensor(lr) else lr.to(device)
         group["fused"], group["foreach"] = True, False
+        if "capturable" in optimizer.defaults:
+            group["capturable"] = True
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             if torch.is_tensor(state.get("step")):  # the fused Adam kernels count steps on the device
