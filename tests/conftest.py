@@ -1,5 +1,6 @@
 """Shared fixtures: composed configs, a fresh MLflow sqlite store per test, tiny MNIST files."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -62,6 +63,17 @@ def training_state(
     scheduler = schedulers.SCHEDULERS.build(cfg.scheduler, optimizer, per_epoch * trainer.epochs, per_epoch)
     progress = Progress.start(per_epoch * trainer.epochs, torch.device(device))
     return TrainingState(model, optimizer, scheduler, generator, progress), loaded
+
+
+@contextlib.contextmanager
+def host_never_waits() -> Iterator[None]:
+    """Inside the block, whatever makes the host wait for the GPU (a blocking copy from host
+    memory, a device tensor read as a number) raises instead."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import SWEEPLAB, run_cli, training_state
+from conftest import SWEEPLAB, host_never_waits, run_cli, training_state
 from frozen_graphs import FrozenGraphs
 from sweeplab import stacked_train
 from sweeplab.data import load_data
@@ -369,6 +369,41 @@ class _Branching(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(x) if x.sum().item() >= 0 else -self.out(x)
+
+
+@CUDA
+def test_a_replayed_cuda_stack_and_its_members_schedules_never_make_the_host_wait(compose_cfg) -> None:
+    """The members' learning rates reach the device tensors the graph reads without the host
+    waiting for the step in flight (each member's cosine schedule: new values every step)."""
+    states, loaded = [], None
+    for k, lr in enumerate([0.05, 0.01]):
+        overrides = [
+            "model=mlp",
+            "scheduler=cosine",
+            *SMALL,
+            "device=cuda",
+            f"optimizer.lr={lr}",
+            f"seed={k}",
+        ]
+        state, loaded = training_state(compose_cfg(overrides), "cuda", loaded)
+        states.append(state)
+    stacked, optimizer = stack(states, loaded.in_features)
+    step = make_stacked_step("true", stacked, optimizer, loaded.train, 64)
+    orders = torch.stack([torch.randperm(len(loaded.train), device="cuda") for _ in states])
+
+    def train_on(i: int) -> None:
+        optimizer.refresh()
+        step(orders[:, i * 64 : (i + 1) * 64])
+        for state in states:
+            state.scheduler.step()
+
+    with warnings.catch_warnings():  # the members' own optimizers never step: their schedules warn
+        warnings.simplefilter("ignore", UserWarning)
+        for i in range(3):  # two warm-ups, then the capture (which synchronizes)
+            train_on(i)
+        with host_never_waits():
+            for i in range(3, 18):
+                train_on(i)
 
 
 def test_a_model_vmap_cannot_batch_is_refused_before_training() -> None:

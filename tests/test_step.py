@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from conftest import training_state
+from conftest import host_never_waits, training_state
 from frozen_graphs import CannotCapture, FrozenGraphs
 from sweeplab import train as train_module
 from sweeplab.errors import ConfigError
@@ -224,3 +224,23 @@ def test_cuda_graph_runs_are_deterministic(compose_cfg) -> None:
             fit(state, data, OmegaConf.to_object(cfg.trainer), lambda rows: None, SignalGuard()).step_loss
         )
     assert (losses[0] == losses[1]).all()
+
+
+@CUDA
+def test_cuda_graph_replays_and_their_schedule_never_make_the_host_wait(compose_cfg) -> None:
+    """Between replays the host only queues work; a step that waited for the GPU would add the
+    replay's whole time to every step's Python instead of overlapping them."""
+    cfg = compose_cfg([*SMALL, "model=mlp", "device=cuda"])  # a cosine schedule: a new lr every step
+    state, data = training_state(cfg, "cuda")
+    step = make_step("true", state.model, state.optimizer, state.scheduler, data.train, 64)
+    batches = torch.randperm(len(data.train), device="cuda")[: 21 * 64].view(21, 64)
+
+    def train_on(indices: torch.Tensor) -> None:
+        step(indices)
+        state.scheduler.step()
+
+    for indices in batches[:3]:  # two warm-ups, then the capture (which synchronizes)
+        train_on(indices)
+    with host_never_waits():
+        for indices in batches[3:]:
+            train_on(indices)

@@ -179,7 +179,9 @@ class StackedOptimizer:
         now = [self._floats(key, index) for key, index in self.scheduled.values()]
         if now != self._seen:
             for attribute, values in zip(self.scheduled, now, strict=True):
-                getattr(self, attribute).copy_(torch.tensor(values))
+                # queued behind the step in flight, as a blocking copy from host memory would
+                # wait for it (every step under a schedule)
+                getattr(self, attribute).copy_(torch.tensor(values), non_blocking=True)
             self._seen = now
         return now[0]
 
