@@ -159,6 +159,7 @@ class Writing:
         except Exception as exc:  # a job that cannot be pickled: all are written here
             log.warning("artifacts not sent to the writing process (%s); writing them here", exc)
             child.process.terminate()
+            child.process.join()
             child.done.close()
         finally:
             child.jobs.close()

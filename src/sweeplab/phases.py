@@ -272,14 +272,14 @@ def record_many(outcomes: list[Outcome]) -> None:
             if session.tracking.log_model:  # first: its files take a fraction of a figure's time
                 with session.watch("model_logging"):
                     model = record.log.new_model(session.training.model, session.data.test.x[:5])
-                pending[f"model-{record.log.run_id}"] = (record.log, model)
-                files[f"model-{record.log.run_id}"] = model
+                pending[_model_folder(record)] = (record.log, model)
+                files[_model_folder(record)] = model
             files |= figures.png_files({file: make for file, (_, make) in jobs.items()})
         warmup.wait()  # no thread running should a child be forked now
         with artifacts.writing(files, processes=os.cpu_count() or 1) as written:
             for (session, record, history, _), jobs in zip(outcomes, wanted, strict=True):
                 step = history.epoch_end_steps[-1]
-                name = f"model-{record.log.run_id}"
+                name = _model_folder(record)
                 if session.tracking.log_model:
                     with session.watch("model_logging"):  # waiting for its files included
                         folder = written.ready([name])
@@ -295,6 +295,11 @@ def record_many(outcomes: list[Outcome]) -> None:
     finally:
         for run_log, model in pending.values():  # its files were never logged
             run_log.drop_model(model)
+
+
+def _model_folder(record: Record) -> str:
+    """Where a run's logged model is written among the files of several runs."""
+    return f"model-{record.log.run_id}"
 
 
 def _figure_jobs(
