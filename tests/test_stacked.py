@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import SWEEPLAB, host_never_waits, run_cli, training_state
 from frozen_graphs import FrozenGraphs
 from sweeplab import stacked_train
-from sweeplab.data import load_data
+from sweeplab.data import Data, load_data
 from sweeplab.interrupt import SignalGuard
 from sweeplab.models import MLP, MODELS
 from sweeplab.optimizers import OPTIMIZERS
@@ -375,18 +375,9 @@ class _Branching(torch.nn.Module):
 def test_a_replayed_cuda_stack_and_its_members_schedules_never_make_the_host_wait(compose_cfg) -> None:
     """The members' learning rates reach the device tensors the graph reads without the host
     waiting for the step in flight (each member's cosine schedule: new values every step)."""
-    states, loaded = [], None
-    for k, lr in enumerate([0.05, 0.01]):
-        overrides = [
-            "model=mlp",
-            "scheduler=cosine",
-            *SMALL,
-            "device=cuda",
-            f"optimizer.lr={lr}",
-            f"seed={k}",
-        ]
-        state, loaded = training_state(compose_cfg(overrides), "cuda", loaded)
-        states.append(state)
+    base = ["model=mlp", "scheduler=cosine", *SMALL, "device=cuda"]
+    cfgs = [compose_cfg([*base, f"optimizer.lr={lr}", f"seed={k}"]) for k, lr in enumerate([0.05, 0.01])]
+    states, loaded = _member_states(cfgs, "cuda")
     stacked, optimizer = stack(states, loaded.in_features)
     step = make_stacked_step("true", stacked, optimizer, loaded.train, 64)
     orders = torch.stack([torch.randperm(len(loaded.train), device="cuda") for _ in states])
@@ -411,15 +402,21 @@ def test_a_model_vmap_cannot_batch_is_refused_before_training() -> None:
         StackedModel([_Branching(), _Branching()], 5)
 
 
+def _member_states(cfgs: list, device: str) -> tuple[list, Data]:
+    """Each member's training state, built as a solo run's on data read once."""
+    states, loaded = [], None
+    for cfg in cfgs:
+        state, loaded = training_state(cfg, device, loaded)
+        states.append(state)
+    return states, loaded
+
+
 def _fit_stack(
     cfgs: list, recorder: FrozenGraphs | None, monkeypatch: pytest.MonkeyPatch, device: str = "cpu"
 ) -> tuple[list, list[list]]:
     """``fit_stack`` on ``cfgs``' members (their steps replayed under ``recorder`` when given);
     each member's state and logged rows."""
-    states, loaded = [], None
-    for cfg in cfgs:
-        state, loaded = training_state(cfg, device, loaded)
-        states.append(state)
+    states, loaded = _member_states(cfgs, device)
     rows: list[list] = [[] for _ in cfgs]
 
     def failed(error: Exception) -> None:

@@ -152,15 +152,13 @@ class Writing:
         child, _ready = _ready, None
         if child is None:
             return
+        self._child = child
         try:
             # plain pickle: the multiprocessing pickler would move tensors to shared memory
             child.jobs.send_bytes(pickle.dumps((jobs, processes, folder)))
-            self._child = child
         except Exception as exc:  # a job that cannot be pickled: all are written here
             log.warning("artifacts not sent to the writing process (%s); writing them here", exc)
-            child.process.terminate()
-            child.process.join()
-            child.done.close()
+            self.stop()
         finally:
             child.jobs.close()
 
