@@ -3,8 +3,8 @@
 1. Trains logreg and the MLP with the notebook's pipeline (``ToTensor`` + ``DataLoader(batch_size=64,
    shuffle=True)``, written out below as the baseline) and with sweeplab's own data, model,
    optimizer and training code (imported from the package), for the same epochs and seed, and
-   prints seconds per epoch, test accuracy and the speed-up; on a CUDA device also sweeplab's
-   eager steps against its CUDA-graph replays (``trainer.cuda_graph``).
+   prints seconds per epoch, test accuracy and the speed-up; ``--parts graph``, on a CUDA device,
+   sweeplab's eager steps against its CUDA-graph replays (``trainer.cuda_graph``).
 2. Runs ``sweeplab experiment=seed_mlp`` end to end in a subprocess against a throwaway sqlite
    store and prints where its time went (checkpointing included) and its peak RSS.
 3. Runs an 8-job sweep of ``seed_logreg``-sized runs with 1 and 2 joblib workers and with 2
@@ -150,7 +150,12 @@ def compare(root: str, epochs: int, seed: int, device: str) -> None:
             f"{model_name:8} {base_s:17.3f} {ours_s:17.3f} {base_s / ours_s:8.1f}x "
             f"{base_acc:13.4f} {ours_acc:13.4f}"
         )
+
+
+def graphs(root: str, epochs: int, seed: int, device: str) -> None:
+    """sweeplab's eager steps against its CUDA-graph replays, same data, seed and epochs."""
     if torch.device(device).type != "cuda":
+        print(f"\n== eager vs CUDA graph steps: skipped, device={device} is not a CUDA device")
         return
     print(f"\n== sweeplab eager vs CUDA graph steps on {torch.cuda.get_device_name(device)}")
     print(
@@ -410,8 +415,8 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["compare", "e2e", "sweep", "stacked", "stacked-wide"],
-        default=["compare", "e2e", "sweep", "stacked"],
+        choices=["compare", "graph", "e2e", "sweep", "stacked", "stacked-wide"],
+        default=["compare", "graph", "e2e", "sweep", "stacked"],
     )
     parser.add_argument(
         "--sweep-epochs", type=int, default=1, help="epochs of each sweep job (seed_logreg: 1)"
@@ -422,6 +427,8 @@ def main() -> None:
     root = str(Path(args.data_root).resolve())
     if "compare" in args.parts:
         compare(root, args.epochs, args.seed, args.device)
+    if "graph" in args.parts:
+        graphs(root, args.epochs, args.seed, args.device)
     if "e2e" in args.parts:
         end_to_end(root, args.device)
     if "sweep" in args.parts:
