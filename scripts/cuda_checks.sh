@@ -36,6 +36,16 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, its out
 }
 
 python -c 'import torch; print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch", torch.__version__)'
+# A Python that writes no bytecode (PYTHONDONTWRITEBYTECODE, which container images often set, or
+# read-only site-packages without it) compiles every module it imports in every process: ~3000
+# modules, ~8 s per sweeplab process on an H200 machine. An ordinary install compiles them once;
+# here they are cached once in the work folder, so that the timings below are sweeplab's.
+echo "bytecode: PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}; cached under $PWD/pycache"
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX="$PWD/pycache"
+s=$(date +%s.%N)
+python -c 'import sweeplab.cli, sweeplab.task, torch._dynamo, matplotlib.pyplot, sklearn.decomposition, mlflow.pytorch'
+echo "  compiled in $(python -c "print(f'{$(date +%s.%N) - $s:.1f}')") s"
 # what a run's artifacts child spends before it can write a model (MLflow's requirements check)
 python -c 'import time, importlib_metadata as m; t = time.perf_counter(); n = len(m.packages_distributions())
 print(f"installed distributions walked: {n} modules mapped in {time.perf_counter() - t:.2f} s")'
@@ -68,7 +78,7 @@ step graph_e2e 120 "${bench[@]}" graph e2e && cat graph_e2e.log
 
 if python -c 'import pytest' 2> /dev/null; then
   step cuda_tests 180 bash -c "cd '$repo' && python -m pytest -q -p no:cacheprovider -rs \
-    tests/test_step.py tests/test_stacked.py -k cuda"
+    tests/test_step.py tests/test_stacked.py tests/test_warmup.py -k cuda"
   tail -3 cuda_tests.log
 else
   echo "pytest not installed: CUDA-only tests not run"

@@ -155,7 +155,7 @@ def build(start: Start, watch: Stopwatch, loaded: "tuple[Data, Dataset] | None" 
             # it prepares on another core while this one loads and trains
             artifacts.prefork(figures=tracking.figures, models=tracking.log_model)
         if device.type == "cuda":
-            warmup.start()  # while the data loads
+            warmup.start(device)  # while the data loads
     if loaded is None:
         with watch("data"):
             data = load_data(cfg.data, device)
