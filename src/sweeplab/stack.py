@@ -207,16 +207,20 @@ class StackedSGD(StackedOptimizer):
 
     @torch.no_grad()
     def step(self) -> None:
+        # each update one pass over its tensors (addcmul), not a product into a temporary and
+        # a second pass: the stacked weights are many megabytes, and the step is bound by memory
         for i, p in enumerate(self.params):
-            grad = p.grad.add_(_view(self.weight_decay, p) * p) if self.decays else p.grad
+            grad = p.grad.addcmul_(_view(self.weight_decay, p), p) if self.decays else p.grad
             momentum = _view(self.momentum, p)
             buf = self.buffers[i]
-            buf = grad.clone() if buf is None else buf.mul_(momentum).add_(grad)
-            self.buffers[i] = buf
+            if buf is None:
+                buf = self.buffers[i] = grad.clone()
+            else:
+                torch.addcmul(grad, momentum, buf, out=buf)  # momentum * buf + grad
             update = buf
             if self.looks_ahead:  # only the members with nesterov=true look ahead
                 update = torch.where(_view(self.nesterov, p), grad + momentum * buf, buf)
-            p.sub_(_view(self.lr, p) * update)
+            p.addcmul_(_view(self.lr, p), update, value=-1)
 
     def write_back(self, k: int) -> None:
         optimizer = self.members[k]
@@ -241,26 +245,31 @@ class StackedAdam(StackedOptimizer):
         self.decoupled = decoupled
         self.beta2 = self.hyper("betas", 1)
         self.eps, self.weight_decay = self.hyper("eps"), self.hyper("weight_decay")
+        self.decays = any(self._floats("weight_decay"))
         self.steps = torch.zeros((), device=self.device)
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
 
     @torch.no_grad()
     def step(self) -> None:
+        # the update of torch's capturable Adam, every hyperparameter a member's (K,) tensor:
+        # what depends only on the members is computed once, the stacked tensors are passed
+        # over as few times as the rule allows (they are many megabytes; the step is bound by
+        # memory)
         self.steps.add_(1)
-        bias1 = 1 - self.beta1**self.steps
-        bias2 = 1 - self.beta2**self.steps
+        step_size_neg = -self.lr / (1 - self.beta1**self.steps)
+        scale = (1 - self.beta2**self.steps).sqrt() * step_size_neg
+        eps, shrink = self.eps / step_size_neg, 1 - self.lr * self.weight_decay
+        new_avg, new_sq = 1 - self.beta1, 1 - self.beta2
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            grad, lr, decay = p.grad, _view(self.lr, p), _view(self.weight_decay, p)
-            if self.decoupled:
-                p.mul_(1 - lr * decay)
-            else:
-                grad = grad + decay * p
-            b1, b2 = _view(self.beta1, p), _view(self.beta2, p)
-            m.mul_(b1).add_((1 - b1) * grad)
-            v.mul_(b2).add_((1 - b2) * grad * grad)
-            denom = v.sqrt() / _view(bias2.sqrt(), p) + _view(self.eps, p)
-            p.sub_(lr / _view(bias1, p) * m / denom)
+            grad = p.grad
+            if self.decays and self.decoupled:
+                p.mul_(_view(shrink, p))
+            elif self.decays:
+                grad = torch.addcmul(grad, _view(self.weight_decay, p), p)
+            m.lerp_(grad, _view(new_avg, p))
+            v.mul_(_view(self.beta2, p)).addcmul_(grad * _view(new_sq, p), grad)
+            p.addcdiv_(m, v.sqrt().div_(_view(scale, p)).add_(_view(eps, p)))
 
     def write_back(self, k: int) -> None:
         optimizer = self.members[k]
