@@ -61,7 +61,9 @@ client = mlflow.MlflowClient()
 runs = client.search_runs([client.get_experiment_by_name("sweeplab").experiment_id], order_by=["attributes.start_time"])
 for run in runs:
     m = run.data.metrics
-    print(f"  {run.data.params['model.name']:7} {run.info.status:8} time/epoch_s {m['time/epoch_s']:.3f}  "
+    epochs = sorted(client.get_metric_history(run.info.run_id, "time/epoch_s"), key=lambda e: e.step)
+    print(f"  {run.data.params['model.name']:7} {run.info.status:8} time/epoch_s {m['time/epoch_s']:.3f} "
+          f"(first epoch {epochs[0].value:.3f})  "
           f"test/acc {m['test/acc']:.4f}  training {m['time/training_s']:.2f} s  data {m['time/data_s']:.2f} s  "
           f"setup {m['time/setup_s']:.2f} s  model logging {m['time/model_logging_s']:.2f} s")
 mlps = [r for r in runs if r.data.params["model.name"] == "mlp"]
