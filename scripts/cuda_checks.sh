@@ -2,11 +2,12 @@
 # The GPU checks of the CUDA-graph step and of stacked sweeps, in one go, on a machine with a
 # CUDA device, sweeplab installed and SWEEPLAB_DATA_DIR pointing at the folder holding MNIST/raw.
 #   bash scripts/cuda_checks.sh [work folder, default ./cuda-checks]
-# DEVICE=cpu EPOCHS=1 runs the same steps on CPU (a dry run of the script itself).
+# DEVICE=cpu EPOCHS=1 MEMBERS=4 runs the same steps on CPU (a dry run of the script itself).
 # Prints, acceptance numbers first: the device; how long MLflow's walk of the installed
 # distributions takes there; seed_mlp twice (time/epoch_s, test/acc, wall; the two must be
 # identical) and seed_logreg, graphs on; the 64-job stacked sweep; the benchmark's eager-vs-graph
-# comparison and seed_mlp's end-to-end breakdown; the CUDA-only tests (when pytest is installed).
+# comparison and seed_mlp's end-to-end breakdown; where a first epoch and a stack's step spend
+# their time (scripts/cuda_anatomy.py); the CUDA-only tests (when pytest is installed).
 # A step that fails or runs past its time limit prints the end of its log, and the next one runs;
 # every step's full log stays in the work folder. Exits non-zero if any step failed.
 set -uo pipefail
@@ -77,6 +78,9 @@ EOF
 bench=(python "$repo/scripts/benchmark.py" --device "$device" --epochs "$epochs" --parts)
 step stacked_wide 180 "${bench[@]}" stacked-wide && cat stacked_wide.log
 step graph_e2e 120 "${bench[@]}" graph e2e && cat graph_e2e.log
+# where a first epoch and a stack's step spend their time, in a process of its own
+step anatomy 120 python "$repo/scripts/cuda_anatomy.py" --device "$device" --members "${MEMBERS:-64}" \
+  && grep -v "^\[" anatomy.log
 
 if python -c 'import pytest' 2> /dev/null; then
   step cuda_tests 180 bash -c "cd '$repo' && python -m pytest -q -p no:cacheprovider -rs \

@@ -1,0 +1,167 @@
+"""Where a GPU run spends what ``time/epoch_s`` does not break down, in a process of its own
+(a first use is paid once per process, so run this script alone, not after other work).
+
+1. ``first-epoch``: a preset's first epoch step by step, as ``train.fit`` runs it: the two eager
+   warm-up steps, the capture, the replays, the epoch's smaller last batch, validation; then
+   the whole second epoch. Before it, building the run (data, model, and the CUDA context and
+   first uses that ``sweeplab.warmup`` makes in a thread meanwhile), waited for.
+2. ``stack``: the 64-job ``seed_mlp`` sweep's members stacked, one epoch: seconds per step of
+   the replays alone (the device's share), of the stacked loop around a step that does
+   nothing (the host's share: the members' schedules and bookkeeping), and of the loop as it
+   trains (``fit_stack``).
+
+Usage: python scripts/cuda_anatomy.py [--device cuda] [--parts first-epoch stack]
+       [--preset seed_logreg] [--members 64] [--data-root DIR]
+The data root defaults to $SWEEPLAB_DATA_DIR; it must hold MNIST/raw/.
+"""
+
+import argparse
+import functools
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from sweeplab import CONFIG_MODULE, stacked_train, warmup
+from sweeplab.interrupt import SignalGuard
+from sweeplab.phases import Session, Start, build
+from sweeplab.stacked_train import Member, fit_stack, make_stacked_step, stack
+from sweeplab.step import make_step
+from sweeplab.timing import Stopwatch
+from sweeplab.train import evaluate, steps_per_epoch
+
+T = TypeVar("T")
+QUIET = ["tracking.figures=false", "tracking.log_model=false"]  # no artifacts child to fork
+
+
+def timed(label: str, fn: Callable[[], T], device: torch.device, steps: int = 0) -> T:
+    """``fn()``, its seconds printed once the device has finished it (per step if ``steps``)."""
+    started = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    per_step = f"  ({seconds / steps * 1e3:.3f} ms per step)" if steps else ""
+    print(f"  {seconds:8.3f} s  {label}{per_step}")
+    return out
+
+
+def sessions(cfgs: list[DictConfig]) -> list[Session]:
+    """The runs' built objects, as a stack builds them (the data read once), warm-up done."""
+    first = build(Start(cfgs[0]), Stopwatch())
+    loaded = (first.data, first.dataset)
+    built = [first] + [build(Start(cfg), Stopwatch(), loaded) for cfg in cfgs[1:]]
+    warmup.wait()
+    return built
+
+
+def first_epoch(preset: str, root: str, device: torch.device) -> None:
+    print(f"\n== {preset} on {device}: a fresh process's first epoch, then its second")
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[f"experiment={preset}", f"data.root={root}", f"device={device}", *QUIET]
+        )
+    (session,) = timed(
+        "build: data, model; CUDA context and first uses in a thread", lambda: sessions([cfg]), device
+    )
+    state, data, trainer = session.training, session.data, session.trainer
+    step = make_step(
+        trainer.cuda_graph, state.model, state.optimizer, state.scheduler, data.train, trainer.batch_size
+    )
+    n, batch = len(data.train), trainer.batch_size
+
+    def batches() -> list[torch.Tensor]:
+        order = torch.randperm(n, generator=state.generator).to(device)
+        return [order[i * batch : (i + 1) * batch] for i in range(steps_per_epoch(n, trainer))]
+
+    epoch = batches()
+    for i, what in enumerate(["eager warm-up", "eager warm-up", "capture and first replay"]):
+        timed(f"step {i + 1} ({what})", functools.partial(step, epoch[i]), device)
+    full = epoch[3:-1]
+    timed(f"{len(full)} replays", lambda: [step(b) for b in full], device, len(full))
+    timed(f"the last batch ({len(epoch[-1])} samples)", lambda: step(epoch[-1]), device)
+    timed("validation", lambda: evaluate(state.model, data.val, trainer.eval_batch_size), device)
+    second = batches()
+    timed(
+        "second epoch: every step and validation",
+        lambda: ([step(b) for b in second], evaluate(state.model, data.val, trainer.eval_batch_size)),
+        device,
+        len(second),
+    )
+
+
+def stack_step(members: int, root: str, device: torch.device) -> None:
+    lrs = [0.1, 0.07, 0.05, 0.03, 0.02, 0.01, 0.007, 0.005]
+    print(f"\n== {members} seed_mlp members stacked on {device}, one epoch")
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfgs = [
+            compose(
+                "config",
+                overrides=[
+                    "experiment=seed_mlp",
+                    f"optimizer.lr={lrs[k % len(lrs)]}",
+                    f"seed={k // len(lrs)}",
+                    "trainer.epochs=1",
+                    f"data.root={root}",
+                    f"device={device}",
+                    *QUIET,
+                ],
+            )
+            for k in range(members)
+        ]
+    built = timed("build the members", lambda: sessions(cfgs), device)
+    first, states = built[0], [s.training for s in built]
+    together = stack(states, first.data.in_features)
+    train, trainer = first.data.train, first.trainer
+    n, batch = len(train), trainer.batch_size
+    per_epoch = steps_per_epoch(n, trainer)
+    step = make_stacked_step(trainer.cuda_graph, *together, train, batch)
+    order = torch.stack([torch.randperm(n) for _ in states]).to(device)
+    full = [order[:, i * batch : (i + 1) * batch] for i in range(per_epoch - 1)]
+    timed("first 3 steps (2 eager warm-ups, the capture)", lambda: [step(b) for b in full[:3]], device)
+    timed(f"{len(full) - 3} replays alone", lambda: [step(b) for b in full[3:]], device, len(full) - 3)
+
+    def epoch_seconds(label: str) -> None:
+        logged: list[float] = []
+        rows = [Member(s, lambda r: logged.append(r[-1][1]["time/epoch_s"]), print) for s in states]
+        fit_stack(rows, together, first.data, trainer, SignalGuard())
+        print(f"  {logged[0]:8.3f} s  {label}  ({logged[0] / per_epoch * 1e3:.3f} ms per step)")
+
+    outputs = torch.zeros(members, device=device)
+    real = stacked_train.make_stacked_step
+    stacked_train.make_stacked_step = lambda *args, **kwargs: lambda indices: (outputs, outputs)
+    try:
+        epoch_seconds("fit_stack's epoch around a step that does nothing (time/epoch_s)")
+    finally:
+        stacked_train.make_stacked_step = real
+    epoch_seconds("fit_stack's epoch, training (time/epoch_s, its capture included)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-root", default=os.environ.get("SWEEPLAB_DATA_DIR"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--parts", nargs="+", choices=["first-epoch", "stack"], default=["first-epoch", "stack"]
+    )
+    parser.add_argument("--preset", default="seed_logreg", help="the first-epoch part's experiment")
+    parser.add_argument("--members", type=int, default=64, help="the stack part's members")
+    args = parser.parse_args()
+    if not args.data_root or not (Path(args.data_root) / "MNIST" / "raw").is_dir():
+        parser.error("give --data-root (or set SWEEPLAB_DATA_DIR) to a folder holding MNIST/raw/")
+    root, device = str(Path(args.data_root).resolve()), torch.device(args.device)
+    if "first-epoch" in args.parts:
+        first_epoch(args.preset, root, device)
+    if "stack" in args.parts:
+        stack_step(args.members, root, device)
+
+
+if __name__ == "__main__":
+    main()
