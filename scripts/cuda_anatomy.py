@@ -27,9 +27,10 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from benchmark import WIDE_LRS, WIDE_SEEDS
 from sweeplab import CONFIG_MODULE, stacked_train, warmup
 from sweeplab.interrupt import SignalGuard
-from sweeplab.phases import Session, Start, build
+from sweeplab.phases import Session, Start, build_many
 from sweeplab.stacked_train import Member, fit_stack, make_stacked_step, stack
 from sweeplab.step import make_step
 from sweeplab.timing import Stopwatch
@@ -53,9 +54,7 @@ def timed(label: str, fn: Callable[[], T], device: torch.device, steps: int = 0)
 
 def sessions(cfgs: list[DictConfig]) -> list[Session]:
     """The runs' built objects, as a stack builds them (the data read once), warm-up done."""
-    first = build(Start(cfgs[0]), Stopwatch())
-    loaded = (first.data, first.dataset)
-    built = [first] + [build(Start(cfg), Stopwatch(), loaded) for cfg in cfgs[1:]]
+    built = build_many([(Start(cfg), Stopwatch()) for cfg in cfgs])
     warmup.wait()
     return built
 
@@ -96,7 +95,7 @@ def first_epoch(preset: str, root: str, device: torch.device) -> None:
 
 
 def stack_step(members: int, root: str, device: torch.device) -> None:
-    lrs = [0.1, 0.07, 0.05, 0.03, 0.02, 0.01, 0.007, 0.005]
+    grid = [(lr, seed) for lr in WIDE_LRS.split(",") for seed in WIDE_SEEDS.split(",")]  # the sweep's
     print(f"\n== {members} seed_mlp members stacked on {device}, one epoch")
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfgs = [
@@ -104,15 +103,15 @@ def stack_step(members: int, root: str, device: torch.device) -> None:
                 "config",
                 overrides=[
                     "experiment=seed_mlp",
-                    f"optimizer.lr={lrs[k % len(lrs)]}",
-                    f"seed={k // len(lrs)}",
+                    f"optimizer.lr={lr}",
+                    f"seed={seed}",
                     "trainer.epochs=1",
                     f"data.root={root}",
                     f"device={device}",
                     *QUIET,
                 ],
             )
-            for k in range(members)
+            for lr, seed in grid[:members]
         ]
     built = timed("build the members", lambda: sessions(cfgs), device)
     first, states = built[0], [s.training for s in built]

@@ -174,6 +174,14 @@ def build(start: Start, watch: Stopwatch, loaded: "tuple[Data, Dataset] | None" 
     return Session(cfg, trainer, tracking, checkpointing, device, data, dataset, training, watch)
 
 
+def build_many(starts: list[tuple[Start, Stopwatch]]) -> list[Session]:
+    """``build`` for runs on the same data (a stack's members): the first reads it, the others
+    take what it read."""
+    first = build(*starts[0])
+    loaded = (first.data, first.dataset)
+    return [first] + [build(start, watch, loaded) for start, watch in starts[1:]]
+
+
 @contextlib.contextmanager
 def open_run(
     session: Session, start: Start, job: Job, tags: dict[str, str] | None = None

@@ -20,7 +20,7 @@ from sweeplab.job import Job
 from sweeplab.phases import (
     Record,
     Start,
-    build,
+    build_many,
     decide_start,
     evaluate_test,
     open_run,
@@ -80,9 +80,8 @@ def _train_together(
     name: str,
     guard: SignalGuard,
 ) -> dict[int, float]:
-    first = build(fresh[0][1], fresh[0][2])
-    loaded = (first.data, first.dataset)
-    sessions = [first] + [build(start, watch, loaded) for _, start, watch in fresh[1:]]
+    sessions = build_many([(start, watch) for _, start, watch in fresh])
+    first = sessions[0]
     together = stack([session.training for session in sessions], first.data.in_features)
     runs = [contextlib.ExitStack() for _ in fresh]
     records: list[Record] = []
