@@ -65,6 +65,9 @@ def training_state(
     return TrainingState(model, optimizer, scheduler, generator, progress), loaded
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @contextlib.contextmanager
 def host_never_waits() -> Iterator[None]:
     """Inside the block, whatever makes the host wait for the GPU (a blocking copy from host

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import SWEEPLAB, host_never_waits, run_cli, training_state
+from conftest import CUDA, SWEEPLAB, host_never_waits, run_cli, training_state
 from frozen_graphs import FrozenGraphs
 from sweeplab import stacked_train
 from sweeplab.data import Data, load_data
@@ -29,7 +29,6 @@ from sweeplab.stacking import group, stackable
 from sweeplab.summary import objective_vs
 from sweeplab.train import evaluate
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 STACKED = ["-m", "hydra/launcher=stacked"]
 FORK = ["-m", "hydra/launcher=fork", "hydra.launcher.n_jobs=2"]
 # digits: 1187 training images in 19 batches of 64 (the last one smaller), logged every 5 steps

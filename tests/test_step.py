@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from conftest import host_never_waits, training_state
+from conftest import CUDA, host_never_waits, training_state
 from frozen_graphs import CannotCapture, FrozenGraphs
 from sweeplab import train as train_module
 from sweeplab.errors import ConfigError
@@ -22,8 +22,6 @@ from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.state import TrainingState
 from sweeplab.step import EagerStep, GraphCaptureError, GraphStep, Step, make_capturable, make_step
 from sweeplab.train import fit
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 class StopAfter(SignalGuard):

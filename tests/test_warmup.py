@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import CUDA
 from sweeplab import warmup
 
 
@@ -23,7 +24,7 @@ def test_the_warmup_draws_no_random_numbers(monkeypatch: pytest.MonkeyPatch) -> 
     _draws_nothing(torch.device("cpu"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@CUDA
 def test_the_cuda_warmup_draws_no_random_numbers() -> None:
     torch.cuda.init()
     _draws_nothing(torch.device("cuda"))
