@@ -259,11 +259,11 @@ class StackedAdam(StackedOptimizer):
         self.steps.add_(1)
         step_size_neg = -self.lr / (1 - self.beta1**self.steps)
         scale = (1 - self.beta2**self.steps).sqrt() * step_size_neg
-        eps, shrink = self.eps / step_size_neg, 1 - self.lr * self.weight_decay
-        new_avg, new_sq = 1 - self.beta1, 1 - self.beta2
+        eps, new_avg, new_sq = self.eps / step_size_neg, 1 - self.beta1, 1 - self.beta2
+        shrink = 1 - self.lr * self.weight_decay if self.decays and self.decoupled else None
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
             grad = p.grad
-            if self.decays and self.decoupled:
+            if shrink is not None:
                 p.mul_(_view(shrink, p))
             elif self.decays:
                 grad = torch.addcmul(grad, _view(self.weight_decay, p), p)
