@@ -4,14 +4,17 @@
 1. ``first-epoch``: a preset's first epoch step by step, as ``train.fit`` runs it: the two eager
    warm-up steps, the capture, the replays, the epoch's smaller last batch, validation; then
    the whole second epoch. Before it, building the run (data, model, and the CUDA context and
-   first uses that ``sweeplab.warmup`` makes in a thread meanwhile), waited for.
+   first uses that ``sweeplab.warmup`` makes in a thread meanwhile), waited for, and the
+   rehearsal of the run's own shapes (``sweeplab.rehearsal``; ``--no-rehearsal`` leaves it
+   out, to see what it takes from the first epoch), which a run overlaps with opening its
+   MLflow run.
 2. ``stack``: the 64-job ``seed_mlp`` sweep's members stacked, one epoch: seconds per step of
    the replays alone (the device's share), of the stacked loop around a step that does
    nothing (the host's share: the members' schedules and bookkeeping), and of the loop as it
-   trains (``fit_stack``).
+   trains (``fit_stack``); its rehearsal first, as for the first epoch.
 
 Usage: python scripts/cuda_anatomy.py [--device cuda] [--parts first-epoch stack]
-       [--preset seed_logreg] [--members 64] [--data-root DIR]
+       [--preset seed_logreg] [--members 64] [--no-rehearsal] [--data-root DIR]
 The data root defaults to $SWEEPLAB_DATA_DIR; it must hold MNIST/raw/.
 """
 
@@ -28,7 +31,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from benchmark import WIDE_LRS, WIDE_SEEDS
-from sweeplab import CONFIG_MODULE, stacked_train, warmup
+from sweeplab import CONFIG_MODULE, rehearsal, stacked_train, warmup
 from sweeplab.interrupt import SignalGuard
 from sweeplab.phases import Session, Start, build_many
 from sweeplab.stacked_train import Member, fit_stack, make_stacked_step, stack
@@ -59,7 +62,14 @@ def sessions(cfgs: list[DictConfig]) -> list[Session]:
     return built
 
 
-def first_epoch(preset: str, root: str, device: torch.device) -> None:
+def rehearse(work: Callable[[], Callable[[], None]], device: torch.device) -> None:
+    """The rehearsal ``work()`` makes, timed alone (a run overlaps it with opening its run)."""
+    timed(
+        "rehearsal: the run's own shapes on copies", lambda: (warmup.rehearse(work()), warmup.wait()), device
+    )
+
+
+def first_epoch(preset: str, root: str, device: torch.device, rehearsed: bool) -> None:
     print(f"\n== {preset} on {device}: a fresh process's first epoch, then its second")
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose(
@@ -69,6 +79,8 @@ def first_epoch(preset: str, root: str, device: torch.device) -> None:
         "build: data, model; CUDA context and first uses in a thread", lambda: sessions([cfg]), device
     )
     state, data, trainer = session.training, session.data, session.trainer
+    if rehearsed:
+        rehearse(lambda: rehearsal.solo(state, data, trainer), device)
     step = make_step(
         trainer.cuda_graph, state.model, state.optimizer, state.scheduler, data.train, trainer.batch_size
     )
@@ -94,7 +106,7 @@ def first_epoch(preset: str, root: str, device: torch.device) -> None:
     )
 
 
-def stack_step(members: int, root: str, device: torch.device) -> None:
+def stack_step(members: int, root: str, device: torch.device, rehearsed: bool) -> None:
     grid = [(lr, seed) for lr in WIDE_LRS.split(",") for seed in WIDE_SEEDS.split(",")]  # the sweep's
     print(f"\n== {members} seed_mlp members stacked on {device}, one epoch")
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
@@ -117,6 +129,8 @@ def stack_step(members: int, root: str, device: torch.device) -> None:
     first, states = built[0], [s.training for s in built]
     together = stack(states, first.data.in_features)
     train, trainer = first.data.train, first.trainer
+    if rehearsed:
+        rehearse(lambda: rehearsal.stacked(together, first.data, trainer), device)
     n, batch = len(train), trainer.batch_size
     per_epoch = steps_per_epoch(n, trainer)
     step = make_stacked_step(trainer.cuda_graph, *together, train, batch)
@@ -152,14 +166,15 @@ def main() -> None:
     )
     parser.add_argument("--preset", default="seed_logreg", help="the first-epoch part's experiment")
     parser.add_argument("--members", type=int, default=64, help="the stack part's members")
+    parser.add_argument("--no-rehearsal", action="store_true", help="leave out the rehearsal of first uses")
     args = parser.parse_args()
     if not args.data_root or not (Path(args.data_root) / "MNIST" / "raw").is_dir():
         parser.error("give --data-root (or set SWEEPLAB_DATA_DIR) to a folder holding MNIST/raw/")
     root, device = str(Path(args.data_root).resolve()), torch.device(args.device)
     if "first-epoch" in args.parts:
-        first_epoch(args.preset, root, device)
+        first_epoch(args.preset, root, device, not args.no_rehearsal)
     if "stack" in args.parts:
-        stack_step(args.members, root, device)
+        stack_step(args.members, root, device, not args.no_rehearsal)
 
 
 if __name__ == "__main__":

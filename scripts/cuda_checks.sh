@@ -81,10 +81,13 @@ step graph_e2e 120 "${bench[@]}" graph e2e && cat graph_e2e.log
 # where a first epoch and a stack's step spend their time, in a process of its own
 step anatomy 120 python "$repo/scripts/cuda_anatomy.py" --device "$device" --members "${MEMBERS:-64}" \
   && grep -v "^\[" anatomy.log
+# the same without the rehearsal of first uses: what it takes off a first epoch
+step anatomy_unrehearsed 120 python "$repo/scripts/cuda_anatomy.py" --device "$device" \
+  --members "${MEMBERS:-64}" --no-rehearsal && grep -v "^\[" anatomy_unrehearsed.log
 
 if python -c 'import pytest' 2> /dev/null; then
   step cuda_tests 180 bash -c "cd '$repo' && python -m pytest -q -p no:cacheprovider -rs \
-    tests/test_step.py tests/test_stacked.py tests/test_warmup.py -k cuda"
+    tests/test_step.py tests/test_stacked.py tests/test_warmup.py tests/test_rehearsal.py -k cuda"
   tail -3 cuda_tests.log
 else
   echo "pytest not installed: CUDA-only tests not run"

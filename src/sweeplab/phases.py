@@ -21,7 +21,7 @@ import torch
 from mlflow.data.dataset import Dataset
 from omegaconf import DictConfig, OmegaConf
 
-from sweeplab import artifacts, checkpoint, figures, warmup
+from sweeplab import artifacts, checkpoint, figures, rehearsal, warmup
 from sweeplab.checkpoint import Checkpointer
 from sweeplab.data import Data, load_data
 from sweeplab.device import resolve_device
@@ -182,6 +182,14 @@ def build_many(starts: list[tuple[Start, Stopwatch]]) -> list[Session]:
     return [first] + [build(start, watch, loaded) for start, watch in starts[1:]]
 
 
+def rehearse(session: Session) -> None:
+    """On a GPU: the run's first uses of its own kernels, made on copies in the background while
+    its MLflow run opens (``sweeplab.rehearsal``); ``train`` waits for them."""
+    if session.device.type == "cuda":
+        with session.watch("setup"):
+            warmup.rehearse(rehearsal.solo(session.training, session.data, session.trainer))
+
+
 @contextlib.contextmanager
 def open_run(
     session: Session, start: Start, job: Job, tags: dict[str, str] | None = None
@@ -235,6 +243,8 @@ def open_run(
 def train(session: Session, record: Record, guard: SignalGuard) -> History:
     """Train to the configured epoch; each epoch ends with a checkpoint and its metrics logged.
     A signal stops at the next step boundary with a checkpoint of that step."""
+    with session.watch("setup"):
+        warmup.wait()  # the rehearsal is done with the GPU before training uses it
     try:
         with guard.deferred():
             return fit(

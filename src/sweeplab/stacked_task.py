@@ -15,6 +15,7 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
+from sweeplab import rehearsal, warmup
 from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.job import Job
 from sweeplab.phases import (
@@ -83,6 +84,8 @@ def _train_together(
     sessions = build_many([(start, watch) for _, start, watch in fresh])
     first = sessions[0]
     together = stack([session.training for session in sessions], first.data.in_features)
+    if first.device.type == "cuda":  # first uses of the stack's kernels, while the runs open
+        warmup.rehearse(rehearsal.stacked(together, first.data, first.trainer))
     runs = [contextlib.ExitStack() for _ in fresh]
     records: list[Record] = []
     try:
@@ -97,6 +100,7 @@ def _train_together(
             )
             for j, (session, record) in enumerate(zip(sessions, records, strict=True))
         ]
+        warmup.wait()
         watch = Stopwatch()
         try:
             with guard.deferred(), watch("training"):

@@ -16,6 +16,7 @@ from sweeplab.phases import (
     evaluate_test,
     open_run,
     record_outputs,
+    rehearse,
     report,
     results,
     train,
@@ -36,6 +37,7 @@ def run(cfg: DictConfig, job: Job, guard: SignalGuard | None = None) -> dict[str
     if start.reused is not None:
         return start.reused
     session = build(start, watch)  # data, model, optimizer, schedule, training state
+    rehearse(session)  # on a GPU: first uses of the run's kernels, while the MLflow run opens
     with open_run(session, start, job) as record:  # the run ends FINISHED, KILLED or FAILED here
         history = train(session, record, guard or SignalGuard())
         test = evaluate_test(session, record, history)

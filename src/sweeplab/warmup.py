@@ -10,11 +10,13 @@ cuBLAS handles go back to torch's pool when the thread ends, loaded kernels and 
 thread stay. So a product and a backward pass on tensors of zeros (no random numbers drawn: the
 run's seeded streams are untouched) are done here too. (What a run needs at its end, the figure
 libraries and MLflow's map of installed distributions, is prepared in the child that writes its
-artifacts, ``sweeplab.artifacts``.) ``wait`` joins the thread; it must have ended before the
-process forks.
+artifacts, ``sweeplab.artifacts``.) Once the run is built, ``rehearse`` follows with the first
+uses of the run's own kernels (``sweeplab.rehearsal``) while its MLflow run opens. ``wait`` joins
+the thread; it must have ended before training starts and before the process forks.
 """
 
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,20 @@ def start(device: torch.device) -> None:
     if _thread is None:
         _thread = threading.Thread(target=_prepare, args=(device,), name="warmup", daemon=True)
         _thread.start()
+
+
+def rehearse(work: Callable[[], None]) -> None:
+    """Run ``work`` in a thread once the context's thread (if any) has ended."""
+    global _thread
+    before = _thread
+
+    def after() -> None:
+        if before is not None:
+            before.join()
+        work()
+
+    _thread = threading.Thread(target=after, name="rehearsal", daemon=True)
+    _thread.start()
 
 
 def wait() -> None:
