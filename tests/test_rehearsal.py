@@ -49,8 +49,9 @@ def test_a_run_is_rehearsed_on_every_batch_size_and_left_untouched(compose_cfg) 
     assert state.model.training  # the run's own model keeps its mode
 
 
-def test_a_stack_is_rehearsed_on_its_batch_shapes_and_left_untouched(compose_cfg, monkeypatch) -> None:
-    cfgs = [compose_cfg([*SHAPED, f"seed={seed}", "optimizer.momentum=0.9"]) for seed in range(3)]
+@pytest.mark.parametrize("norm", [[], ["model.norm=batchnorm"]], ids=["stacked-forms", "vmap"])
+def test_a_stack_is_rehearsed_on_its_batch_shapes_and_left_untouched(compose_cfg, monkeypatch, norm) -> None:
+    cfgs = [compose_cfg([*SHAPED, *norm, f"seed={seed}", "optimizer.momentum=0.9"]) for seed in range(3)]
     first, data = training_state(cfgs[0])
     states = [first, *(training_state(cfg, loaded=data)[0] for cfg in cfgs[1:])]
     together = stack(states, data.in_features)
@@ -63,6 +64,7 @@ def test_a_stack_is_rehearsed_on_its_batch_shapes_and_left_untouched(compose_cfg
 
     monkeypatch.setattr(StackedModel, "__call__", recorded)
     params = {name: p.detach().clone() for name, p in together[0].params.items()}
+    buffers = {name: b.clone() for name, b in together[0].buffers.items()}  # BatchNorm's statistics
     members = copy.deepcopy([s.model.state_dict() for s in states])
     rng = _rng()
 
@@ -70,9 +72,14 @@ def test_a_stack_is_rehearsed_on_its_batch_shapes_and_left_untouched(compose_cfg
 
     assert sorted(shapes) == [(3, 40), (3, 64)]
     assert _same({n: p.detach() for n, p in together[0].params.items()}, params)
+    assert _same(together[0].buffers, buffers)
     assert together[1].buffers == [None] * len(params)  # no momentum buffer made for the real stack
     assert _same([s.model.state_dict() for s in states], members)
     assert _same(_rng(), rng)
+
+
+def _raise(error: Exception) -> None:
+    raise error
 
 
 @CUDA
@@ -104,7 +111,7 @@ def test_a_rehearsed_cuda_stack_trains_as_an_unrehearsed_one(compose_cfg, optimi
         if rehearsed:
             warmup.rehearse(rehearsal.stacked(together, data, trainer))
             warmup.wait()
-        members = [Member(s, lambda rows: None, pytest.fail) for s in states]
+        members = [Member(s, lambda rows: None, _raise) for s in states]
         fit_stack(members, together, data, trainer, SignalGuard())
         losses.append(torch.stack([s.progress.step_loss for s in states]))
     assert torch.equal(losses[0], losses[1])
