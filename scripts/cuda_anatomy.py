@@ -34,8 +34,8 @@ from benchmark import WIDE_LRS, WIDE_SEEDS
 from sweeplab import CONFIG_MODULE, rehearsal, stacked_train, warmup
 from sweeplab.interrupt import SignalGuard
 from sweeplab.phases import Session, Start, build_many
-from sweeplab.stacked_train import Member, fit_stack, make_stacked_step, stack
-from sweeplab.step import make_step
+from sweeplab.stacked_train import Member, fit_stack, make_stacked_steps, stack
+from sweeplab.step import make_steps
 from sweeplab.timing import Stopwatch
 from sweeplab.train import evaluate, steps_per_epoch
 
@@ -81,29 +81,49 @@ def first_epoch(preset: str, root: str, device: torch.device, rehearsed: bool) -
     state, data, trainer = session.training, session.data, session.trainer
     if rehearsed:
         rehearse(lambda: rehearsal.solo(state, data, trainer), device)
-    step = make_step(
-        trainer.cuda_graph, state.model, state.optimizer, state.scheduler, data.train, trainer.batch_size
-    )
     n, batch = len(data.train), trainer.batch_size
-
-    def batches() -> list[torch.Tensor]:
-        order = torch.randperm(n, generator=state.generator).to(device)
-        return [order[i * batch : (i + 1) * batch] for i in range(steps_per_epoch(n, trainer))]
-
-    epoch = batches()
-    for i, what in enumerate(["eager warm-up", "eager warm-up", "capture and first replay"]):
-        timed(f"step {i + 1} ({what})", functools.partial(step, epoch[i]), device)
-    full = epoch[3:-1]
-    timed(f"{len(full)} replays", lambda: [step(b) for b in full], device, len(full))
-    timed(f"the last batch ({len(epoch[-1])} samples)", lambda: step(epoch[-1]), device)
-    timed("validation", lambda: evaluate(state.model, data.val, trainer.eval_batch_size), device)
-    second = batches()
-    timed(
-        "second epoch: every step and validation",
-        lambda: ([step(b) for b in second], evaluate(state.model, data.val, trainer.eval_batch_size)),
-        device,
-        len(second),
+    per_epoch = steps_per_epoch(n, trainer)
+    losses = torch.zeros(2 * per_epoch, device=device)  # two epochs' steps, whatever the preset's
+    steps = make_steps(
+        trainer.cuda_graph,
+        state.model,
+        state.optimizer,
+        state.scheduler,
+        data.train,
+        batch,
+        losses,
+        torch.zeros_like(losses),
     )
+
+    def begin(epoch: int) -> None:
+        steps.begin(torch.randperm(n, generator=state.generator).to(device), 0, epoch * per_epoch)
+
+    begin(0)
+    for i, what in enumerate(["eager warm-up", "eager warm-up", "capture and first replay"]):
+        timed(f"step {i + 1} ({what})", functools.partial(steps, i, i), device)
+    full = range(3, per_epoch - 1)
+    timed(f"{len(full)} replays", lambda: [steps(i, i) for i in full], device, len(full))
+    last = n - batch * (per_epoch - 1)
+    timed(f"the last batch ({last} samples)", lambda: steps(per_epoch - 1, per_epoch - 1), device)
+    timed("validation", lambda: evaluate(state.model, data.val, trainer.eval_batch_size), device)
+
+    def second_epoch() -> None:
+        begin(1)
+        for i in range(per_epoch):
+            steps(i, per_epoch + i)
+        evaluate(state.model, data.val, trainer.eval_batch_size)
+
+    timed("second epoch: every step and validation", second_epoch, device, per_epoch)
+
+
+class NoSteps:
+    """Steps that do nothing: what is timed is the loop around them."""
+
+    def begin(self, order: torch.Tensor, first: int, step: int) -> None:
+        pass
+
+    def __call__(self, i: int, step: int) -> None:
+        pass
 
 
 def stack_step(members: int, root: str, device: torch.device, rehearsed: bool) -> None:
@@ -133,11 +153,12 @@ def stack_step(members: int, root: str, device: torch.device, rehearsed: bool) -
         rehearse(lambda: rehearsal.stacked(together, first.data, trainer), device)
     n, batch = len(train), trainer.batch_size
     per_epoch = steps_per_epoch(n, trainer)
-    step = make_stacked_step(trainer.cuda_graph, *together, train, batch)
-    order = torch.stack([torch.randperm(n) for _ in states]).to(device)
-    full = [order[:, i * batch : (i + 1) * batch] for i in range(per_epoch - 1)]
-    timed("first 3 steps (2 eager warm-ups, the capture)", lambda: [step(b) for b in full[:3]], device)
-    timed(f"{len(full) - 3} replays alone", lambda: [step(b) for b in full[3:]], device, len(full) - 3)
+    losses = torch.zeros(members, per_epoch, device=device)
+    steps = make_stacked_steps(trainer.cuda_graph, *together, train, batch, losses, torch.zeros_like(losses))
+    steps.begin(torch.stack([torch.randperm(n) for _ in states]).to(device), 0, 0)
+    timed("first 3 steps (2 eager warm-ups, the capture)", lambda: [steps(i, i) for i in range(3)], device)
+    full = range(3, per_epoch - 1)
+    timed(f"{len(full)} replays alone", lambda: [steps(i, i) for i in full], device, len(full))
 
     def epoch_seconds(label: str) -> None:
         logged: list[float] = []
@@ -145,13 +166,12 @@ def stack_step(members: int, root: str, device: torch.device, rehearsed: bool) -
         fit_stack(rows, together, first.data, trainer, SignalGuard())
         print(f"  {logged[0]:8.3f} s  {label}  ({logged[0] / per_epoch * 1e3:.3f} ms per step)")
 
-    outputs = torch.zeros(members, device=device)
-    real = stacked_train.make_stacked_step
-    stacked_train.make_stacked_step = lambda *args, **kwargs: lambda indices: (outputs, outputs)
+    real = stacked_train.make_stacked_steps
+    stacked_train.make_stacked_steps = lambda *args, **kwargs: NoSteps()
     try:
-        epoch_seconds("fit_stack's epoch around a step that does nothing (time/epoch_s)")
+        epoch_seconds("fit_stack's epoch around steps that do nothing (time/epoch_s)")
     finally:
-        stacked_train.make_stacked_step = real
+        stacked_train.make_stacked_steps = real
     epoch_seconds("fit_stack's epoch, training (time/epoch_s, its capture included)")
 
 

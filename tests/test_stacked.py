@@ -24,7 +24,7 @@ from sweeplab.models import MLP, MODELS
 from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.schedulers import SCHEDULERS
 from sweeplab.stack import NotStackable, StackedModel, stack_optimizers
-from sweeplab.stacked_train import Member, fit_stack, make_stacked_step, stack
+from sweeplab.stacked_train import Member, fit_stack, make_stacked_steps, stack
 from sweeplab.stacking import group, stackable
 from sweeplab.summary import objective_vs
 from sweeplab.train import evaluate
@@ -378,12 +378,13 @@ def test_a_replayed_cuda_stack_and_its_members_schedules_never_make_the_host_wai
     cfgs = [compose_cfg([*base, f"optimizer.lr={lr}", f"seed={k}"]) for k, lr in enumerate([0.05, 0.01])]
     states, loaded = _member_states(cfgs, "cuda")
     stacked, optimizer = stack(states, loaded.in_features)
-    step = make_stacked_step("true", stacked, optimizer, loaded.train, 64)
-    orders = torch.stack([torch.randperm(len(loaded.train), device="cuda") for _ in states])
+    losses = torch.zeros(len(states), 18, device="cuda")
+    step = make_stacked_steps("true", stacked, optimizer, loaded.train, 64, losses, torch.zeros_like(losses))
+    step.begin(torch.stack([torch.randperm(len(loaded.train), device="cuda") for _ in states]), 0, 0)
 
     def train_on(i: int) -> None:
         optimizer.refresh()
-        step(orders[:, i * 64 : (i + 1) * 64])
+        step(i, i)
         for state in states:
             state.scheduler.step()
 
@@ -423,7 +424,9 @@ def _fit_stack(
 
     members = [Member(state, rows[k].extend, failed) for k, state in enumerate(states)]
     if recorder is not None:
-        monkeypatch.setattr(stacked_train, "make_stacked_step", partial(make_stacked_step, recorder=recorder))
+        monkeypatch.setattr(
+            stacked_train, "make_stacked_steps", partial(make_stacked_steps, recorder=recorder)
+        )
     trainer = OmegaConf.to_object(cfgs[0].trainer)
     fit_stack(members, stack(states, loaded.in_features), loaded, trainer, SignalGuard())
     monkeypatch.undo()

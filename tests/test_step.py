@@ -20,7 +20,7 @@ from sweeplab import train as train_module
 from sweeplab.errors import ConfigError
 from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.state import TrainingState
-from sweeplab.step import EagerStep, GraphCaptureError, GraphStep, Step, make_capturable, make_step
+from sweeplab.step import EagerStep, GraphCaptureError, GraphSteps, Steps, make_capturable, make_steps
 from sweeplab.train import fit
 
 
@@ -39,12 +39,23 @@ class StopAfter(SignalGuard):
 
 def _steps(
     cfg: DictConfig, recorder: FrozenGraphs | None = None
-) -> tuple[TrainingState, Callable[[str], Step]]:
-    """The training state ``cfg`` builds, and ``make_step`` for it by ``trainer.cuda_graph`` value."""
+) -> tuple[TrainingState, Callable[[str], Steps]]:
+    """The training state ``cfg`` builds, and ``make_steps`` for it by ``trainer.cuda_graph`` value."""
     state, data = training_state(cfg)
+    progress = state.progress
 
-    def steps(setting: str) -> Step:
-        return make_step(setting, state.model, state.optimizer, state.scheduler, data.train, 64, recorder)
+    def steps(setting: str) -> Steps:
+        return make_steps(
+            setting,
+            state.model,
+            state.optimizer,
+            state.scheduler,
+            data.train,
+            64,
+            progress.step_loss,
+            progress.step_acc,
+            recorder,
+        )
 
     return state, steps
 
@@ -66,7 +77,7 @@ def _fit(cfg: DictConfig, recorder: FrozenGraphs | None, monkeypatch: pytest.Mon
     state, data = training_state(cfg)
     rows: list = []
     if recorder is not None:
-        monkeypatch.setattr(train_module, "make_step", partial(make_step, recorder=recorder))
+        monkeypatch.setattr(train_module, "make_steps", partial(make_steps, recorder=recorder))
     history = fit(state, data, OmegaConf.to_object(cfg.trainer), rows.extend, stop or SignalGuard())
     return state, history, rows
 
@@ -102,7 +113,7 @@ def test_a_replayed_step_trains_exactly_like_eager_fused_steps(
     graphed, graphed_history, graphed_rows = _fit(cfg, recorder, monkeypatch)
     assert (recorder.warmups, recorder.captures, recorder.replays) == (2, 1, 3 * 21 - 2)
 
-    monkeypatch.setattr(train_module, "make_step", lambda *a, **k: _fused_eager(*a, **k))
+    monkeypatch.setattr(train_module, "make_steps", lambda *a, **k: _fused_eager(*a, **k))
     fused, fused_history, fused_rows = _fit(cfg, None, monkeypatch)
     assert (graphed_history.step_loss == fused_history.step_loss).all()
     assert _without_timings(graphed_rows) == _without_timings(fused_rows)  # every logged number
@@ -115,9 +126,9 @@ def test_a_replayed_step_trains_exactly_like_eager_fused_steps(
     assert eager_history.val_acc == pytest.approx(graphed_history.val_acc, abs=0.02)
 
 
-def _fused_eager(setting, model, optimizer, scheduler, train, batch_size) -> EagerStep:
+def _fused_eager(setting, model, optimizer, scheduler, train, batch_size, losses, accs) -> Steps:
     make_capturable(optimizer, train.x.device)
-    return EagerStep(model, optimizer, train)
+    return Steps(EagerStep(model, optimizer, train), batch_size, losses, accs)
 
 
 def _without_timings(rows: list) -> list:
@@ -133,7 +144,7 @@ def test_interrupted_between_replays_resumes_to_the_uninterrupted_result(
     full, full_history, _ = _fit(cfg, FrozenGraphs(), monkeypatch)
 
     state, data = training_state(cfg)
-    monkeypatch.setattr(train_module, "make_step", partial(make_step, recorder=FrozenGraphs()))
+    monkeypatch.setattr(train_module, "make_steps", partial(make_steps, recorder=FrozenGraphs()))
     trainer = OmegaConf.to_object(cfg.trainer)
     with pytest.raises(Interrupted):
         fit(state, data, trainer, lambda rows: None, StopAfter(20))
@@ -143,7 +154,7 @@ def test_interrupted_between_replays_resumes_to_the_uninterrupted_result(
     restored, data = training_state(cfg)
     restored.load_state_dict(saved)
     recorder = FrozenGraphs()
-    monkeypatch.setattr(train_module, "make_step", partial(make_step, recorder=recorder))
+    monkeypatch.setattr(train_module, "make_steps", partial(make_steps, recorder=recorder))
     history = fit(restored, data, trainer, lambda rows: None, SignalGuard())
     assert recorder.captures == 1
     assert (history.step_loss == full_history.step_loss).all()
@@ -156,20 +167,25 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_under_auto_and_fails_unde
 ) -> None:
     state, steps = _steps(compose_cfg([*SMALL, "trainer.epochs=1"]), CannotCapture())
     step = steps("auto")
+    order = torch.arange(1400)  # the 1400 training samples in order
     before = [p.clone() for p in state.model.parameters()]
+    step.begin(order, 0, 0)
     with caplog.at_level(logging.WARNING, "sweeplab.step"):
         for i in range(4):
-            loss, _ = step(torch.arange(i * 64, (i + 1) * 64))
-    assert isinstance(step, GraphStep) and step.failed and torch.isfinite(loss)
+            step(i, i)
+    assert isinstance(step, GraphSteps) and step.failed
+    losses = state.progress.step_loss[:5]
+    assert torch.isfinite(losses[:4]).all() and (losses[:4] > 0).all() and losses[4] == 0  # each its own
     assert "could not be captured, training eagerly: operation not permitted" in caplog.text
     assert not any(torch.equal(a, b) for a, b in zip(before, state.model.parameters(), strict=True))
 
     step = steps("true")
+    step.begin(order, 0, 0)
     with pytest.raises(
         GraphCaptureError, match="trainer.cuda_graph=true: the training step could not be captured"
     ):
         for i in range(3):
-            step(torch.arange(i * 64, (i + 1) * 64))
+            step(i, i)
 
 
 def test_a_schedule_that_cycles_momentum_is_not_captured(
@@ -178,7 +194,7 @@ def test_a_schedule_that_cycles_momentum_is_not_captured(
     """One-cycle sets the momentum every step; a graph would keep the captured value."""
     _, steps = _steps(compose_cfg([*SMALL, "scheduler=onecycle"]), FrozenGraphs())
     with caplog.at_level(logging.INFO, "sweeplab.step"):
-        assert isinstance(steps("auto"), EagerStep)
+        assert type(steps("auto")) is Steps  # eager
     assert "OneCycleLR changes the momentum every step" in caplog.text
     with pytest.raises(ConfigError, match="use trainer.cuda_graph=auto or false"):
         steps("true")
@@ -186,8 +202,8 @@ def test_a_schedule_that_cycles_momentum_is_not_captured(
 
 def test_auto_is_eager_off_cuda_and_true_needs_cuda(compose_cfg) -> None:
     _, steps = _steps(compose_cfg([*SMALL]))
-    assert isinstance(steps("auto"), EagerStep)
-    assert isinstance(steps("false"), EagerStep)
+    assert type(steps("auto")) is Steps  # eager
+    assert type(steps("false")) is Steps
     with pytest.raises(ConfigError, match="trainer.cuda_graph=true needs a CUDA device, not cpu"):
         steps("true")
 
@@ -230,15 +246,25 @@ def test_cuda_graph_replays_and_their_schedule_never_make_the_host_wait(compose_
     replay's whole time to every step's Python instead of overlapping them."""
     cfg = compose_cfg([*SMALL, "model=mlp", "device=cuda"])  # a cosine schedule: a new lr every step
     state, data = training_state(cfg, "cuda")
-    step = make_step("true", state.model, state.optimizer, state.scheduler, data.train, 64)
-    batches = torch.randperm(len(data.train), device="cuda")[: 21 * 64].view(21, 64)
+    progress = state.progress
+    step = make_steps(
+        "true",
+        state.model,
+        state.optimizer,
+        state.scheduler,
+        data.train,
+        64,
+        progress.step_loss,
+        progress.step_acc,
+    )
+    step.begin(torch.randperm(len(data.train), device="cuda"), 0, 0)
 
-    def train_on(indices: torch.Tensor) -> None:
-        step(indices)
+    def train_on(i: int) -> None:
+        step(i, i)
         state.scheduler.step()
 
-    for indices in batches[:3]:  # two warm-ups, then the capture (which synchronizes)
-        train_on(indices)
+    for i in range(3):  # two warm-ups, then the capture (which synchronizes)
+        train_on(i)
     with host_never_waits():
-        for indices in batches[3:]:
-            train_on(indices)
+        for i in range(3, 21):
+            train_on(i)

@@ -27,7 +27,7 @@ from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.schema import TrainerConfig
 from sweeplab.stack import StackedModel, StackedOptimizer, stack_optimizers
 from sweeplab.state import MetricRows, TrainingState
-from sweeplab.step import Recorder, Step, StepOutput, graphed, wants_graph
+from sweeplab.step import Recorder, StepOutput, Steps, graphed, wants_graph
 from sweeplab.train import DivergedError, close_epoch, final_history, step_weights, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -70,23 +70,22 @@ class StackedStep:
         return loss.detach(), (flat.argmax(1) == y).float().view(k, -1).mean(1)
 
 
-def make_stacked_step(
+def make_stacked_steps(
     setting: str,
     stacked: StackedModel,
     optimizer: StackedOptimizer,
     train: Split,
     batch_size: int,
+    losses: torch.Tensor,
+    accs: torch.Tensor,
     recorder: Recorder | None = None,
-) -> Step:
-    """The stack's step as ``trainer.cuda_graph`` asks: on CUDA (``auto``, ``true``) captured
+) -> Steps:
+    """The stack's steps as ``trainer.cuda_graph`` asks: on CUDA (``auto``, ``true``) captured
     once and replayed; every hyperparameter it reads is a device tensor (``StackedOptimizer``)."""
-    eager = StackedStep(stacked, optimizer, train)
-    device = train.x.device
-    if not wants_graph(setting, device, recorder):
-        return eager
-    k = len(stacked.members)
-    indices = torch.zeros(k, batch_size, dtype=torch.long, device=device)
-    return graphed(setting, eager, indices, (k,), recorder)
+    one = StackedStep(stacked, optimizer, train)
+    if not wants_graph(setting, train.x.device, recorder):
+        return Steps(one, batch_size, losses, accs)
+    return graphed(setting, one, batch_size, losses, accs, (len(stacked.members), len(train)), recorder)
 
 
 def fit_stack(
@@ -111,7 +110,7 @@ def fit_stack(
         s.progress.step_loss, s.progress.step_acc = losses[row], accs[row]
     weights = step_weights(n, cfg)
     window, step = cfg.log_every_n_steps, 0
-    train_step = make_stacked_step(cfg.cuda_graph, stacked, optimizer, train, batch)
+    train_steps = make_stacked_steps(cfg.cuda_graph, stacked, optimizer, train, batch, losses, accs)
     with warnings.catch_warnings():
         # each member's own optimizer never steps (the stack steps for it): a schedule's first
         # step would warn about that order
@@ -119,11 +118,11 @@ def fit_stack(
         for epoch in range(1, cfg.epochs + 1):
             started = time.perf_counter()
             stacked.train()
-            orders = _shuffle(states, n, device)
+            train_steps.begin(_shuffle(states, n, device), 0, step)
             try:
                 for i in range(per_epoch):
                     lrs = optimizer.refresh()  # what the members' schedules set for this step
-                    losses[:, step], accs[:, step] = train_step(orders[:, i * batch : (i + 1) * batch])
+                    train_steps(i, step)  # each member's loss and accuracy into its row's column
                     step += 1
                     if step % window == 0:
                         for s, lr in zip(states, lrs, strict=True):

@@ -1,15 +1,19 @@
-"""One training step, run eagerly or captured once as a CUDA graph and replayed.
+"""An epoch's training steps, run eagerly or captured once as a CUDA graph and replayed.
 
 At the batch sizes people sweep (64), a GPU step is bound by kernel launches and Python, not by
 arithmetic. A CUDA graph records the step's kernels once (gather the batch by an index tensor,
-forward, loss, backward, optimizer step, the step's loss and accuracy) and replays them with one
-launch. What a replay reads lives in tensors it was captured with: the batch indices are copied
-into ``GraphStep.indices`` before each replay, and the learning rate is a device tensor in the
-optimizer's param group, which schedulers ``fill_`` and the fused optimizer kernels read.
+forward, loss, backward, optimizer step, the step's loss and accuracy written into the run's
+per-step buffers) and replays them with one launch. What a replay reads lives in tensors it was
+captured with: the epoch's order is copied into ``GraphSteps.order`` once per epoch, and device
+counters the graph advances itself say which batch it gathers and which step's loss it writes,
+so between replays the host launches nothing but the replay; the learning rate is a device
+tensor in the optimizer's param group, which schedulers ``fill_`` and the fused optimizer
+kernels read.
 
-``GraphStep`` wraps any eager step, a model's (``EagerStep``) or a stack's
-(``sweeplab.stacked_train``), and is written against a ``Recorder`` (warm up, capture) so that
-its bookkeeping runs on CPU under a stand-in; ``CudaGraphs`` is the real one.
+``Steps`` runs an epoch eagerly around any one-batch step, a model's (``EagerStep``) or a
+stack's (``sweeplab.stacked_train``); ``GraphSteps`` replays it, and is written against a
+``Recorder`` (warm up, capture) so that its bookkeeping runs on CPU under a stand-in;
+``CudaGraphs`` is the real one.
 """
 
 import logging
@@ -27,7 +31,7 @@ from sweeplab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-StepOutput = tuple[torch.Tensor, torch.Tensor]  # the step's loss and accuracy, 0-dim, on the device
+StepOutput = tuple[torch.Tensor, torch.Tensor]  # the step's loss and accuracy, on the device
 
 
 class Clearable(Protocol):
@@ -56,6 +60,26 @@ class EagerStep:
         return loss.detach(), (logits.argmax(1) == y).float().mean()
 
 
+class Steps:
+    """An epoch's steps: step ``i`` of the epoch trains ``one`` on batch ``i`` of ``order`` and
+    writes its loss and accuracy into column ``step`` of ``losses`` and ``accs`` (the run's
+    per-step buffers: ``(steps,)``, or ``(members, steps)`` for a stack, whose order is
+    ``(members, samples)``)."""
+
+    def __init__(self, one: Step, batch_size: int, losses: torch.Tensor, accs: torch.Tensor) -> None:
+        self.one, self.batch_size, self.losses, self.accs = one, batch_size, losses, accs
+        self.epoch_order: torch.Tensor | None = None
+
+    def begin(self, order: torch.Tensor, first: int, step: int) -> None:
+        """An epoch over ``order`` starts (or resumes) at its batch ``first``, the run's ``step``."""
+        self.epoch_order = order
+
+    def __call__(self, i: int, step: int) -> None:
+        assert self.epoch_order is not None, "begin() an epoch first"
+        loss, acc = self.one(self.epoch_order[..., i * self.batch_size : (i + 1) * self.batch_size])
+        self.losses[..., step], self.accs[..., step] = loss, acc
+
+
 class Recorder(Protocol):
     def warm_up(self, step: Callable[[], None]) -> None:
         """Run ``step`` once, as capture needs it run before (lazy initialisation)."""
@@ -81,59 +105,71 @@ class CudaGraphs:
         return graph.replay
 
 
-class GraphStep:
-    """An eager step for ``warmup_steps`` batches of the full shape, then captured and replayed.
+class GraphSteps(Steps):
+    """``Steps`` whose full batches are, after ``warmup_steps`` eager ones, captured and replayed.
 
-    ``eager`` is any step whose optimizer (``eager.optimizer``) can clear gradients: a model's
-    (``EagerStep``) or a stack's. ``indices`` is the full batch's index tensor (``(batch,)``,
-    or ``(members, batch)`` for a stack), ``outputs`` the shape of its loss and accuracy. Indices
-    of another shape (the epoch's last batch, with ``drop_last=false``) run eagerly: they update
-    the same parameters and optimizer buffers in place, which the graph reads on its next replay.
-    A capture that fails falls back to eager steps (``required=False``, with one log line) or
-    raises (``required=True``).
+    The graph gathers batch ``start / batch_size`` of ``order`` (a copy of the epoch's order, made
+    by ``begin``) and writes column ``slot`` of the buffers, then advances both counters; nothing
+    but the replay is launched per step. The epoch's smaller last batch (``drop_last=false``)
+    runs eagerly: it updates the same parameters and optimizer buffers in place, which the graph
+    reads on its next replay. A capture that fails falls back to eager steps (``required=False``,
+    with one log line) or raises (``required=True``).
     """
 
     def __init__(
         self,
-        eager: Step,
-        indices: torch.Tensor,
-        outputs: tuple[int, ...],
+        one: Step,
+        batch_size: int,
+        losses: torch.Tensor,
+        accs: torch.Tensor,
+        order_shape: tuple[int, ...],
         recorder: Recorder,
         *,
         required: bool,
         warmup_steps: int = 2,
     ) -> None:
-        self.eager, self.recorder, self.required = eager, recorder, required
-        self.indices = indices
-        self.loss = torch.zeros(outputs, device=indices.device)
-        self.acc = torch.zeros(outputs, device=indices.device)
+        super().__init__(one, batch_size, losses, accs)
+        self.recorder, self.required = recorder, required
+        device = losses.device
+        self.order = torch.zeros(order_shape, dtype=torch.long, device=device)
+        self.offsets = torch.arange(batch_size, device=device)
+        self.start = torch.zeros((), dtype=torch.long, device=device)  # the batch's first position
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the step's column
         self.warmup_left = warmup_steps
         self.replay: Callable[[], None] | None = None
         self.failed = False
 
-    def _step_into_buffers(self) -> None:
-        loss, acc = self.eager(self.indices)
-        self.loss.copy_(loss)
-        self.acc.copy_(acc)
+    def begin(self, order: torch.Tensor, first: int, step: int) -> None:
+        super().begin(order, first, step)
+        self.order.copy_(order)
+        self.start.fill_(first * self.batch_size)
+        self.slot.fill_(step)
 
-    def __call__(self, indices: torch.Tensor) -> StepOutput:
-        if self.failed or indices.shape != self.indices.shape:
-            return self.eager(indices)
-        self.indices.copy_(indices)
+    def _step(self) -> None:
+        """One step as the graph holds it: batch, train, write, advance."""
+        loss, acc = self.one(self.order.index_select(-1, self.offsets + self.start))
+        self.losses.index_copy_(-1, self.slot, loss.unsqueeze(-1))
+        self.accs.index_copy_(-1, self.slot, acc.unsqueeze(-1))
+        self.start.add_(self.batch_size)
+        self.slot.add_(1)
+
+    def __call__(self, i: int, step: int) -> None:
+        if self.failed or (i + 1) * self.batch_size > self.order.shape[-1]:
+            return super().__call__(i, step)
         if self.replay is None:
             if self.warmup_left:
                 self.warmup_left -= 1
-                self.recorder.warm_up(self._step_into_buffers)
-                return self.loss, self.acc
+                self.recorder.warm_up(self._step)
+                return None
             self._capture()
             if self.failed:
-                return self.eager(indices)
+                return super().__call__(i, step)
         self.replay()
-        return self.loss, self.acc
+        return None
 
     def _capture(self) -> None:
         try:
-            self.replay = self.recorder.capture(self._step_into_buffers)
+            self.replay = self.recorder.capture(self._step)
         except Exception as exc:  # what a model or optimizer does that a graph cannot hold
             if self.required:
                 raise GraphCaptureError(
@@ -143,7 +179,7 @@ class GraphStep:
                 "trainer.cuda_graph=auto: the training step could not be captured, training eagerly: %s", exc
             )
             self.failed = True
-            self.eager.optimizer.zero_grad()  # gradients the failed capture left
+            self.one.optimizer.zero_grad()  # gradients the failed capture left
 
 
 class GraphCaptureError(ConfigError):
@@ -185,21 +221,23 @@ def make_capturable(optimizer: Optimizer, device: torch.device) -> None:
                 state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
-def make_step(
+def make_steps(
     setting: str,
     model: nn.Module,
     optimizer: Optimizer,
     scheduler: LRScheduler,
     train: Split,
     batch_size: int,
+    losses: torch.Tensor,
+    accs: torch.Tensor,
     recorder: Recorder | None = None,
-) -> Step:
-    """The step ``trainer.cuda_graph`` asks for: ``auto`` graphs on CUDA where supported, ``true``
-    insists (an error where it cannot), ``false`` never. ``recorder`` replaces CUDA graphs in tests."""
-    eager = EagerStep(model, optimizer, train)
-    device = train.x.device
-    if not wants_graph(setting, device, recorder):
-        return eager
+) -> Steps:
+    """The steps ``trainer.cuda_graph`` asks for: ``auto`` graphs on CUDA where supported,
+    ``true`` insists (an error where it cannot), ``false`` never. ``recorder`` replaces CUDA
+    graphs in tests."""
+    one = EagerStep(model, optimizer, train)
+    if not wants_graph(setting, train.x.device, recorder):
+        return Steps(one, batch_size, losses, accs)
     reason = unsupported(optimizer, scheduler)
     if reason:
         if setting == "true":
@@ -207,9 +245,9 @@ def make_step(
                 f"trainer.cuda_graph=true: {reason}; use trainer.cuda_graph=auto or false"
             )
         log.info("trainer.cuda_graph=auto: training eagerly, %s", reason)
-        return eager
-    make_capturable(optimizer, device)
-    return graphed(setting, eager, torch.zeros(batch_size, dtype=torch.long, device=device), (), recorder)
+        return Steps(one, batch_size, losses, accs)
+    make_capturable(optimizer, train.x.device)
+    return graphed(setting, one, batch_size, losses, accs, (len(train),), recorder)
 
 
 def wants_graph(setting: str, device: torch.device, recorder: Recorder | None) -> bool:
@@ -222,7 +260,16 @@ def wants_graph(setting: str, device: torch.device, recorder: Recorder | None) -
 
 
 def graphed(
-    setting: str, eager: Step, indices: torch.Tensor, outputs: tuple[int, ...], recorder: Recorder | None
-) -> GraphStep:
-    """``eager`` replayed from a CUDA graph (or ``recorder``'s stand-in), as ``setting`` requires."""
-    return GraphStep(eager, indices, outputs, recorder or CudaGraphs(), required=setting == "true")
+    setting: str,
+    one: Step,
+    batch_size: int,
+    losses: torch.Tensor,
+    accs: torch.Tensor,
+    order_shape: tuple[int, ...],
+    recorder: Recorder | None,
+) -> GraphSteps:
+    """``one``'s steps replayed from a CUDA graph (or ``recorder``'s stand-in), as ``setting``
+    requires."""
+    return GraphSteps(
+        one, batch_size, losses, accs, order_shape, recorder or CudaGraphs(), required=setting == "true"
+    )

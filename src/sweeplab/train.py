@@ -21,7 +21,7 @@ from sweeplab.data import Data, Split
 from sweeplab.interrupt import SignalGuard
 from sweeplab.schema import TrainerConfig
 from sweeplab.state import History, MetricRows, Progress, TrainingState
-from sweeplab.step import make_step
+from sweeplab.step import make_steps
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,13 @@ def fit(
     """
     model, scheduler, progress = state.model, state.scheduler, state.progress
     train = data.train
-    train_step = make_step(cfg.cuda_graph, model, state.optimizer, scheduler, train, cfg.batch_size)
-    n, batch = len(train), cfg.batch_size
+    step_loss, step_acc = progress.step_loss, progress.step_acc
+    train_steps = make_steps(
+        cfg.cuda_graph, model, state.optimizer, scheduler, train, cfg.batch_size, step_loss, step_acc
+    )
+    n = len(train)
     per_epoch = steps_per_epoch(n, cfg)
     device = train.x.device
-    step_loss, step_acc = progress.step_loss, progress.step_acc
     weights = step_weights(n, cfg)
     window = cfg.log_every_n_steps
     step = progress.step
@@ -92,15 +94,15 @@ def fit(
             model.train()
             if progress.order is None:
                 progress.order = torch.randperm(n, generator=state.generator).to(device)
-            order, lrs = progress.order, progress.lrs
+            lrs = progress.lrs
             first = step - (epoch - 1) * per_epoch  # > 0 when resuming part-way through an epoch
+            train_steps.begin(progress.order, first, step)
             for i in range(first, per_epoch):
-                loss, step_acc[step] = train_step(order[i * batch : (i + 1) * batch])
-                step_loss[step] = loss
+                train_steps(i, step)  # its loss and accuracy into step_loss[step], step_acc[step]
                 step += 1
                 if step % window == 0:
                     lrs[step] = float(scheduler.get_last_lr()[0])  # a device tensor under a graph
-                    if not torch.isfinite(loss):  # one sync per window: stop a diverged run early
+                    if not torch.isfinite(step_loss[step - 1]):  # one sync per window: stop early
                         raise DivergedError(
                             f"train/loss became non-finite at step {step} (epoch {epoch}): lower optimizer.lr"
                         )
