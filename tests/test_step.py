@@ -20,7 +20,15 @@ from sweeplab import train as train_module
 from sweeplab.errors import ConfigError
 from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.state import TrainingState
-from sweeplab.step import EagerStep, GraphCaptureError, GraphSteps, Steps, make_capturable, make_steps
+from sweeplab.step import (
+    EagerStep,
+    GraphCaptureError,
+    GraphSteps,
+    RatedStep,
+    Steps,
+    make_capturable,
+    make_steps,
+)
 from sweeplab.train import fit
 
 
@@ -127,8 +135,10 @@ def test_a_replayed_step_trains_exactly_like_eager_fused_steps(
 
 
 def _fused_eager(setting, model, optimizer, scheduler, train, batch_size, losses, accs) -> Steps:
-    make_capturable(optimizer, train.x.device)
-    return Steps(EagerStep(model, optimizer, train), batch_size, losses, accs)
+    rates = make_capturable(optimizer, train.x.device)
+    return Steps(
+        RatedStep(EagerStep(model, optimizer, train), rates), batch_size, losses, accs, rates.refresh
+    )
 
 
 def _without_timings(rows: list) -> list:
@@ -160,6 +170,23 @@ def test_interrupted_between_replays_resumes_to_the_uninterrupted_result(
     assert (history.step_loss == full_history.step_loss).all()
     for a, b in zip(restored.model.parameters(), full.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_graphed_run_keeps_float_learning_rates_for_its_schedule_and_checkpoints(
+    compose_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replays read device tensors, but the param groups the schedule sets and a checkpoint
+    saves hold floats, as an eager run's; a checkpoint saved with tensor rates (by an earlier
+    version) is made a float again on resume."""
+    cfg = compose_cfg([*SMALL, "trainer.cuda_graph=true", "trainer.epochs=1"])
+    state, _, _ = _fit(cfg, FrozenGraphs(), monkeypatch)
+    group = state.optimizer.state_dict()["param_groups"][0]
+    assert type(group["lr"]) is float and group["lr"] == state.scheduler.get_last_lr()[0]
+
+    group = state.optimizer.param_groups[0]
+    group["lr"] = torch.tensor(0.005)
+    rates = make_capturable(state.optimizer, torch.device("cpu"))
+    assert type(group["lr"]) is float and rates.tensors[0].item() == pytest.approx(0.005)
 
 
 def test_a_step_that_cannot_be_captured_trains_eagerly_under_auto_and_fails_under_true(

@@ -21,7 +21,7 @@ from sweeplab.schema import TrainerConfig
 from sweeplab.stack import StackedModel, StackedOptimizer
 from sweeplab.stacked_train import StackedStep
 from sweeplab.state import TrainingState
-from sweeplab.step import EagerStep, Step, make_capturable, unsupported, wants_graph
+from sweeplab.step import EagerStep, RatedStep, Step, make_capturable, unsupported, wants_graph
 
 Work = Callable[[], None]
 
@@ -30,10 +30,12 @@ def solo(training: TrainingState, data: Data, trainer: TrainerConfig) -> Work:
     """The run's step (with the fused optimizer kernels its graph would use) and evaluation."""
     model, optimizer = copy.deepcopy((training.model, training.optimizer))  # one memo: shared params
     device = data.train.x.device
+    one: Step = EagerStep(model, optimizer, data.train)
     if wants_graph(trainer.cuda_graph, device, None) and unsupported(optimizer, training.scheduler) is None:
-        make_capturable(optimizer, device)
+        rates = make_capturable(optimizer, device)
+        one = RatedStep(one, rates)
     model.eval()
-    return lambda: _first_uses(EagerStep(model, optimizer, data.train), model, data, trainer, ())
+    return lambda: _first_uses(one, model, data, trainer, ())
 
 
 def stacked(together: tuple[StackedModel, StackedOptimizer], data: Data, trainer: TrainerConfig) -> Work:

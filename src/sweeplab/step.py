@@ -6,9 +6,9 @@ forward, loss, backward, optimizer step, the step's loss and accuracy written in
 per-step buffers) and replays them with one launch. What a replay reads lives in tensors it was
 captured with: the epoch's order is copied into ``GraphSteps.order`` once per epoch, and device
 counters the graph advances itself say which batch it gathers and which step's loss it writes,
-so between replays the host launches nothing but the replay; the learning rate is a device
-tensor in the optimizer's param group, which schedulers ``fill_`` and the fused optimizer
-kernels read.
+so between replays the host launches nothing but the replay. The learning rate the fused
+optimizer kernels read is a device tensor (``DeviceRates``), filled from the float the schedule
+sets only when that changes.
 
 ``Steps`` runs an epoch eagerly around any one-batch step, a model's (``EagerStep``) or a
 stack's (``sweeplab.stacked_train``); ``GraphSteps`` replays it, and is written against a
@@ -64,10 +64,19 @@ class Steps:
     """An epoch's steps: step ``i`` of the epoch trains ``one`` on batch ``i`` of ``order`` and
     writes its loss and accuracy into column ``step`` of ``losses`` and ``accs`` (the run's
     per-step buffers: ``(steps,)``, or ``(members, steps)`` for a stack, whose order is
-    ``(members, samples)``)."""
+    ``(members, samples)``). ``refresh``, if given, runs before every step: it brings what the
+    step reads from device tensors up to date (``DeviceRates.refresh``)."""
 
-    def __init__(self, one: Step, batch_size: int, losses: torch.Tensor, accs: torch.Tensor) -> None:
+    def __init__(
+        self,
+        one: Step,
+        batch_size: int,
+        losses: torch.Tensor,
+        accs: torch.Tensor,
+        refresh: Callable[[], None] | None = None,
+    ) -> None:
         self.one, self.batch_size, self.losses, self.accs = one, batch_size, losses, accs
+        self.refresh = refresh
         self.epoch_order: torch.Tensor | None = None
 
     def begin(self, order: torch.Tensor, first: int, step: int) -> None:
@@ -76,6 +85,8 @@ class Steps:
 
     def __call__(self, i: int, step: int) -> None:
         assert self.epoch_order is not None, "begin() an epoch first"
+        if self.refresh is not None:
+            self.refresh()
         loss, acc = self.one(self.epoch_order[..., i * self.batch_size : (i + 1) * self.batch_size])
         self.losses[..., step], self.accs[..., step] = loss, acc
 
@@ -126,9 +137,10 @@ class GraphSteps(Steps):
         recorder: Recorder,
         *,
         required: bool,
+        refresh: Callable[[], None] | None = None,
         warmup_steps: int = 2,
     ) -> None:
-        super().__init__(one, batch_size, losses, accs)
+        super().__init__(one, batch_size, losses, accs, refresh)
         self.recorder, self.required = recorder, required
         device = losses.device
         self.order = torch.zeros(order_shape, dtype=torch.long, device=device)
@@ -156,6 +168,8 @@ class GraphSteps(Steps):
     def __call__(self, i: int, step: int) -> None:
         if self.failed or (i + 1) * self.batch_size > self.order.shape[-1]:
             return super().__call__(i, step)
+        if self.refresh is not None:
+            self.refresh()
         if self.replay is None:
             if self.warmup_left:
                 self.warmup_left -= 1
@@ -202,16 +216,58 @@ def unsupported(optimizer: Optimizer, scheduler: LRScheduler) -> str | None:
     return None
 
 
-def make_capturable(optimizer: Optimizer, device: torch.device) -> None:
-    """Switch ``optimizer`` to its fused kernels with a device-tensor learning rate, in place.
+class DeviceRates:
+    """The learning rates a graph reads: a device tensor per param group, beside its float.
 
-    Done after a checkpoint is restored (which brings back float learning rates); the schedule
-    then writes into the tensor (``fill_``) and the graph reads it on every replay. Optimizers
-    with a ``capturable`` flag (Adam, AdamW) refuse to step inside a capture without it.
+    The schedule sets the groups' floats, as in any run, and launches nothing; ``refresh``
+    fills a tensor only when its rate has changed (never, without a schedule); the optimizer
+    steps with the tensors in its groups (``RatedStep``), so a replay reads the current rate.
+    Tensors kept in the groups themselves would cost every scheduler step two or three kernel
+    launches (its copies of the rates and the fill), a rate changed or not.
+    """
+
+    def __init__(self, optimizer: Optimizer, device: torch.device) -> None:
+        self.groups = optimizer.param_groups
+        self.seen = [group["lr"] for group in self.groups]
+        self.tensors = [torch.tensor(lr, device=device) for lr in self.seen]
+
+    def refresh(self) -> None:
+        now = [group["lr"] for group in self.groups]
+        if now != self.seen:
+            for tensor, lr in zip(self.tensors, now, strict=True):
+                tensor.fill_(lr)
+            self.seen = now
+
+
+class RatedStep:
+    """``one`` stepping its optimizer with ``rates``' tensors as the learning rates; the groups
+    hold their floats again after it."""
+
+    def __init__(self, one: EagerStep, rates: DeviceRates) -> None:
+        self.one, self.rates, self.optimizer = one, rates, one.optimizer
+
+    def __call__(self, indices: torch.Tensor) -> StepOutput:
+        groups = self.rates.groups
+        floats = [group["lr"] for group in groups]
+        for group, tensor in zip(groups, self.rates.tensors, strict=True):
+            group["lr"] = tensor
+        try:
+            return self.one(indices)
+        finally:
+            for group, lr in zip(groups, floats, strict=True):
+                group["lr"] = lr
+
+
+def make_capturable(optimizer: Optimizer, device: torch.device) -> DeviceRates:
+    """Switch ``optimizer`` to its fused kernels, in place, and return the device tensors its
+    learning rates are read from inside a graph.
+
+    Done after a checkpoint is restored. Optimizers with a ``capturable`` flag (Adam, AdamW)
+    refuse to step inside a capture without it; their step counts move to the device.
     """
     for group in optimizer.param_groups:
-        lr = group["lr"]
-        group["lr"] = torch.tensor(float(lr), device=device) if not torch.is_tensor(lr) else lr.to(device)
+        if torch.is_tensor(group["lr"]):  # saved so by an earlier version: a float, as any run's
+            group["lr"] = float(group["lr"])
         group["fused"], group["foreach"] = True, False
         if "capturable" in optimizer.defaults:
             group["capturable"] = True
@@ -219,6 +275,7 @@ def make_capturable(optimizer: Optimizer, device: torch.device) -> None:
             state = optimizer.state.get(param, {})
             if torch.is_tensor(state.get("step")):  # the fused Adam kernels count steps on the device
                 state["step"] = state["step"].to(device=device, dtype=torch.float32)
+    return DeviceRates(optimizer, device)
 
 
 def make_steps(
@@ -246,8 +303,9 @@ def make_steps(
             )
         log.info("trainer.cuda_graph=auto: training eagerly, %s", reason)
         return Steps(one, batch_size, losses, accs)
-    make_capturable(optimizer, train.x.device)
-    return graphed(setting, one, batch_size, losses, accs, (len(train),), recorder)
+    rates = make_capturable(optimizer, train.x.device)
+    rated = RatedStep(one, rates)
+    return graphed(setting, rated, batch_size, losses, accs, (len(train),), recorder, rates.refresh)
 
 
 def wants_graph(setting: str, device: torch.device, recorder: Recorder | None) -> bool:
@@ -267,9 +325,17 @@ def graphed(
     accs: torch.Tensor,
     order_shape: tuple[int, ...],
     recorder: Recorder | None,
+    refresh: Callable[[], None] | None = None,
 ) -> GraphSteps:
     """``one``'s steps replayed from a CUDA graph (or ``recorder``'s stand-in), as ``setting``
-    requires."""
+    requires; ``refresh`` runs before each."""
     return GraphSteps(
-        one, batch_size, losses, accs, order_shape, recorder or CudaGraphs(), required=setting == "true"
+        one,
+        batch_size,
+        losses,
+        accs,
+        order_shape,
+        recorder or CudaGraphs(),
+        required=setting == "true",
+        refresh=refresh,
     )

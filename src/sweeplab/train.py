@@ -101,7 +101,7 @@ def fit(
                 train_steps(i, step)  # its loss and accuracy into step_loss[step], step_acc[step]
                 step += 1
                 if step % window == 0:
-                    lrs[step] = float(scheduler.get_last_lr()[0])  # a device tensor under a graph
+                    lrs[step] = float(scheduler.get_last_lr()[0])
                     if not torch.isfinite(step_loss[step - 1]):  # one sync per window: stop early
                         raise DivergedError(
                             f"train/loss became non-finite at step {step} (epoch {epoch}): lower optimizer.lr"
