@@ -135,6 +135,8 @@ def fit_stack(
                 _write_back(members, stacked, optimizer, epoch - 1, step)
                 raise
             _write_back(members, stacked, optimizer, epoch, step)
+            if device.type == "cuda":  # the epoch's time is the device's work, not its queueing
+                torch.cuda.synchronize(device)
             _epoch_end(members, data, cfg, epoch, weights, time.perf_counter() - started)
     for member in members:
         final_history(member.state.progress)

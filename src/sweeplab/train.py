@@ -110,6 +110,8 @@ def fit(
                 progress.step = step
                 bar.update()
                 stop.raise_if_requested()
+            if device.type == "cuda":  # the epoch's time is the device's work, not its queueing
+                torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - started
             rows, epoch_metrics = close_epoch(
                 model, progress, data, cfg, epoch, weights, train_seconds, first
