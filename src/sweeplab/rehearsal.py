@@ -32,8 +32,7 @@ def solo(training: TrainingState, data: Data, trainer: TrainerConfig) -> Work:
     device = data.train.x.device
     one: Step = EagerStep(model, optimizer, data.train)
     if wants_graph(trainer.cuda_graph, device, None) and unsupported(optimizer, training.scheduler) is None:
-        rates = make_capturable(optimizer, device)
-        one = RatedStep(one, rates)
+        one = RatedStep(one, make_capturable(optimizer, device))  # as the run's graph steps
     model.eval()
     return lambda: _first_uses(one, model, data, trainer, ())
 

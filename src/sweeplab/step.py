@@ -243,7 +243,7 @@ class RatedStep:
     """``one`` stepping its optimizer with ``rates``' tensors as the learning rates; the groups
     hold their floats again after it."""
 
-    def __init__(self, one: EagerStep, rates: DeviceRates) -> None:
+    def __init__(self, one: Step, rates: DeviceRates) -> None:
         self.one, self.rates, self.optimizer = one, rates, one.optimizer
 
     def __call__(self, indices: torch.Tensor) -> StepOutput:
