@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from conftest import CUDA, host_never_waits, training_state
 from frozen_graphs import CannotCapture, FrozenGraphs
 from sweeplab import train as train_module
+from sweeplab.data import Data
 from sweeplab.errors import ConfigError
 from sweeplab.interrupt import Interrupted, SignalGuard
 from sweeplab.state import TrainingState
@@ -46,10 +47,11 @@ class StopAfter(SignalGuard):
 
 
 def _steps(
-    cfg: DictConfig, recorder: FrozenGraphs | None = None
-) -> tuple[TrainingState, Callable[[str], Steps]]:
-    """The training state ``cfg`` builds, and ``make_steps`` for it by ``trainer.cuda_graph`` value."""
-    state, data = training_state(cfg)
+    cfg: DictConfig, recorder: FrozenGraphs | None = None, device: str = "cpu"
+) -> tuple[TrainingState, Data, Callable[[str], Steps]]:
+    """The training state and data ``cfg`` builds, and ``make_steps`` for them by
+    ``trainer.cuda_graph`` value."""
+    state, data = training_state(cfg, device)
     progress = state.progress
 
     def steps(setting: str) -> Steps:
@@ -65,7 +67,7 @@ def _steps(
             recorder,
         )
 
-    return state, steps
+    return state, data, steps
 
 
 # 1400 training samples (1500 minus 100 for validation) in batches of 64: 21 full batches and a
@@ -192,7 +194,7 @@ def test_a_graphed_run_keeps_float_learning_rates_for_its_schedule_and_checkpoin
 def test_a_step_that_cannot_be_captured_trains_eagerly_under_auto_and_fails_under_true(
     compose_cfg, caplog: pytest.LogCaptureFixture
 ) -> None:
-    state, steps = _steps(compose_cfg([*SMALL, "trainer.epochs=1"]), CannotCapture())
+    state, _, steps = _steps(compose_cfg([*SMALL, "trainer.epochs=1"]), CannotCapture())
     step = steps("auto")
     order = torch.arange(1400)  # the 1400 training samples in order
     before = [p.clone() for p in state.model.parameters()]
@@ -219,7 +221,7 @@ def test_a_schedule_that_cycles_momentum_is_not_captured(
     compose_cfg, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One-cycle sets the momentum every step; a graph would keep the captured value."""
-    _, steps = _steps(compose_cfg([*SMALL, "scheduler=onecycle"]), FrozenGraphs())
+    _, _, steps = _steps(compose_cfg([*SMALL, "scheduler=onecycle"]), FrozenGraphs())
     with caplog.at_level(logging.INFO, "sweeplab.step"):
         assert type(steps("auto")) is Steps  # eager
     assert "OneCycleLR changes the momentum every step" in caplog.text
@@ -228,7 +230,7 @@ def test_a_schedule_that_cycles_momentum_is_not_captured(
 
 
 def test_auto_is_eager_off_cuda_and_true_needs_cuda(compose_cfg) -> None:
-    _, steps = _steps(compose_cfg([*SMALL]))
+    _, _, steps = _steps(compose_cfg([*SMALL]))
     assert type(steps("auto")) is Steps  # eager
     assert type(steps("false")) is Steps
     with pytest.raises(ConfigError, match="trainer.cuda_graph=true needs a CUDA device, not cpu"):
@@ -272,18 +274,8 @@ def test_cuda_graph_replays_and_their_schedule_never_make_the_host_wait(compose_
     """Between replays the host only queues work; a step that waited for the GPU would add the
     replay's whole time to every step's Python instead of overlapping them."""
     cfg = compose_cfg([*SMALL, "model=mlp", "device=cuda"])  # a cosine schedule: a new lr every step
-    state, data = training_state(cfg, "cuda")
-    progress = state.progress
-    step = make_steps(
-        "true",
-        state.model,
-        state.optimizer,
-        state.scheduler,
-        data.train,
-        64,
-        progress.step_loss,
-        progress.step_acc,
-    )
+    state, data, steps = _steps(cfg, device="cuda")
+    step = steps("true")
     step.begin(torch.randperm(len(data.train), device="cuda"), 0, 0)
 
     def train_on(i: int) -> None:
