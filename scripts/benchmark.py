@@ -40,16 +40,16 @@ from hydra import compose, initialize_config_module
 from torch import nn
 
 from sweeplab import CONFIG_MODULE
+from sweeplab.config.schema import TrainerConfig
 from sweeplab.data import load_data
-from sweeplab.interrupt import SignalGuard
 from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS
-from sweeplab.record import TAG_SWEEP
+from sweeplab.run.seeding import seed_everything
 from sweeplab.schedulers import SCHEDULERS
-from sweeplab.schema import TrainerConfig
-from sweeplab.seeding import seed_everything
-from sweeplab.state import Progress, TrainingState
-from sweeplab.train import evaluate, fit, steps_per_epoch
+from sweeplab.tracking.tags import TAG_SWEEP
+from sweeplab.training.interrupt import SignalGuard
+from sweeplab.training.loop import evaluate, fit, steps_per_epoch
+from sweeplab.training.state import Progress, TrainingState
 
 
 # ---- the notebook's pipeline (baseline) --------------------------------------------------------
@@ -249,10 +249,10 @@ def sweep_overhead(workdir: Path) -> dict[str, float]:
     from mlflow import MlflowClient
     from omegaconf import OmegaConf
 
-    from sweeplab.record import TAG_HASH, config_hash
-    from sweeplab.schema import SweepConfig, TrackingConfig
-    from sweeplab.summary import summarize
-    from sweeplab.tracking import Tracker
+    from sweeplab.config.schema import SweepConfig, TrackingConfig
+    from sweeplab.sweep.summary import summarize
+    from sweeplab.tracking.store import Tracker
+    from sweeplab.tracking.tags import TAG_HASH, config_hash
 
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=seed_logreg", "seed=1"])

@@ -4,8 +4,8 @@
 1. ``first-epoch``: a preset's first epoch step by step, as ``train.fit`` runs it: the two eager
    warm-up steps, the capture, the replays, the epoch's smaller last batch, validation; then
    the whole second epoch. Before it, building the run (data, model, and the CUDA context and
-   first uses that ``sweeplab.warmup`` makes in a thread meanwhile), waited for, and the
-   rehearsal of the run's own shapes (``sweeplab.rehearsal``; ``--no-rehearsal`` leaves it
+   first uses that ``sweeplab.training.first_uses`` makes in a thread meanwhile), waited for, and the
+   rehearsal of the run's own shapes (``sweeplab.training.rehearsal``; ``--no-rehearsal`` leaves it
    out, to see what it takes from the first epoch), which a run overlaps with opening its
    MLflow run.
 2. ``stack``: the 64-job ``seed_mlp`` sweep's members stacked, one epoch: seconds per step of
@@ -31,13 +31,16 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from benchmark import WIDE_LRS, WIDE_SEEDS
-from sweeplab import CONFIG_MODULE, rehearsal, stacked_train, warmup
-from sweeplab.interrupt import SignalGuard
-from sweeplab.phases import Session, Start, build_many
-from sweeplab.stacked_train import Member, fit_stack, make_stacked_steps, stack
-from sweeplab.step import make_steps
-from sweeplab.timing import Stopwatch
-from sweeplab.train import evaluate, steps_per_epoch
+from sweeplab import CONFIG_MODULE
+from sweeplab.run.phases import Session, Start, build_many
+from sweeplab.run.timing import Stopwatch
+from sweeplab.stacking import loop as stacked_train
+from sweeplab.stacking.loop import Member, fit_stack, make_stacked_steps, stack
+from sweeplab.stacking.rehearsal import stacked as stacked_rehearsal
+from sweeplab.training import first_uses, rehearsal
+from sweeplab.training.interrupt import SignalGuard
+from sweeplab.training.loop import evaluate, steps_per_epoch
+from sweeplab.training.steps import make_steps
 
 T = TypeVar("T")
 QUIET = ["tracking.figures=false", "tracking.log_model=false"]  # no artifacts child to fork
@@ -58,14 +61,16 @@ def timed(label: str, fn: Callable[[], T], device: torch.device, steps: int = 0)
 def sessions(cfgs: list[DictConfig]) -> list[Session]:
     """The runs' built objects, as a stack builds them (the data read once), warm-up done."""
     built = build_many([(Start(cfg), Stopwatch()) for cfg in cfgs])
-    warmup.wait()
+    first_uses.wait()
     return built
 
 
 def rehearse(work: Callable[[], Callable[[], None]], device: torch.device) -> None:
     """The rehearsal ``work()`` makes, timed alone (a run overlaps it with opening its run)."""
     timed(
-        "rehearsal: the run's own shapes on copies", lambda: (warmup.rehearse(work()), warmup.wait()), device
+        "rehearsal: the run's own shapes on copies",
+        lambda: (first_uses.rehearse(work()), first_uses.wait()),
+        device,
     )
 
 
@@ -150,7 +155,7 @@ def stack_step(members: int, root: str, device: torch.device, rehearsed: bool) -
     together = stack(states, first.data.in_features)
     train, trainer = first.data.train, first.trainer
     if rehearsed:
-        rehearse(lambda: rehearsal.stacked(together, first.data, trainer), device)
+        rehearse(lambda: stacked_rehearsal(together, first.data, trainer), device)
     n, batch = len(train), trainer.batch_size
     per_epoch = steps_per_epoch(n, trainer)
     losses = torch.zeros(members, per_epoch, device=device)

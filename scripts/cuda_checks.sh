@@ -45,7 +45,7 @@ echo "bytecode: PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}; cache
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX="$PWD/pycache"
 s=$(date +%s.%N)
-python -c 'import sweeplab.cli, sweeplab.task, torch._dynamo, matplotlib.pyplot, sklearn.decomposition, mlflow.pytorch'
+python -c 'import sweeplab.cli.train, sweeplab.run.task, torch._dynamo, matplotlib.pyplot, sklearn.decomposition, mlflow.pytorch'
 echo "  compiled in $(python -c "print(f'{$(date +%s.%N) - $s:.1f}')") s"
 # what a run's artifacts child spends before it can write a model (MLflow's requirements check)
 python -c 'import time, importlib_metadata as m; t = time.perf_counter(); n = len(m.packages_distributions())

@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 # importing the registries stores every group's schema in Hydra's ConfigStore, as the CLI does
 from sweeplab import CONFIG_MODULE, data, models, optimizers, schedulers  # noqa: F401
+from sweeplab.config.job import Job
 from sweeplab.data import Data, load_data
-from sweeplab.job import Job
-from sweeplab.seeding import seed_everything
-from sweeplab.state import Progress, TrainingState
-from sweeplab.train import steps_per_epoch
+from sweeplab.run.seeding import seed_everything
+from sweeplab.training.loop import steps_per_epoch
+from sweeplab.training.state import Progress, TrainingState
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -52,7 +52,7 @@ def compose_cfg() -> Iterator[Callable[[list[str]], DictConfig]]:
 def training_state(
     cfg: DictConfig, device: str = "cpu", loaded: Data | None = None
 ) -> tuple[TrainingState, Data]:
-    """What ``sweeplab.phases.build`` makes for ``cfg`` (on ``loaded`` data, if given), without a
+    """What ``sweeplab.run.phases.build`` makes for ``cfg`` (on ``loaded`` data, if given), without a
     run around it."""
     generator = seed_everything(cfg.seed)
     loaded = loaded or load_data(cfg.data, torch.device(device))
@@ -143,3 +143,19 @@ def tiny_mnist(tmp_path: Path) -> Path:
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return tmp_path / "data"
+
+
+def start_cli(
+    args: list[str], cwd: Path, until: str, count: int = 1, **popen
+) -> tuple[subprocess.Popen, str]:
+    """Start the CLI and return once ``until`` has appeared ``count`` times in its log."""
+    process = subprocess.Popen(
+        [str(SWEEPLAB), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if sum(until in s for s in seen) >= count:
+            return process, "".join(seen)
+    process.wait()
+    pytest.fail(f"the run ended before {until!r} was logged:\n" + "".join(seen)[-3000:])

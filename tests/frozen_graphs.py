@@ -63,7 +63,7 @@ def _tensors(tree: object) -> list[torch.Tensor]:
 
 
 class FrozenGraphs:
-    """The ``sweeplab.step.Recorder`` contract with CUDA graph semantics, on CPU."""
+    """The ``sweeplab.training.steps.Recorder`` contract with CUDA graph semantics, on CPU."""
 
     def __init__(self) -> None:
         self.warmups = self.captures = self.replays = 0

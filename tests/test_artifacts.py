@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
-from sweeplab import artifacts
-from sweeplab.artifacts import writing
-from sweeplab.figures import png_files
+from sweeplab.tracking import artifacts
+from sweeplab.tracking.artifacts import writing
+from sweeplab.tracking.figures import png_files
 
 LINUX = sys.platform == "linux"
 

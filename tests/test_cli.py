@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import CONF, FAST, SWEEPLAB, run_cli
-from sweeplab.commands import imports_done
+from sweeplab.run.process import imports_done
 
 
 def _runs(uri: str) -> list[mlflow.entities.Run]:

@@ -6,11 +6,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from conftest import CONF
+from sweeplab.config.schema import TrackingConfig, TrainerConfig
 from sweeplab.data import DATASETS
 from sweeplab.models import MODELS
 from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.schedulers import SCHEDULERS
-from sweeplab.schema import TrackingConfig, TrainerConfig
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 ADDED = {"sweep"}  # groups without a default option are added with +group=option
@@ -42,7 +42,7 @@ def test_sweep_callback_is_on_by_default(compose_cfg) -> None:
     from hydra import compose
 
     cfg = compose("config", return_hydra_config=True)
-    assert cfg.hydra.callbacks.mlflow_sweep._target_ == "sweeplab.sweep.MlflowSweepCallback"
+    assert cfg.hydra.callbacks.mlflow_sweep._target_ == "sweeplab.sweep.callback.MlflowSweepCallback"
 
 
 def test_every_yaml_names_its_schema() -> None:

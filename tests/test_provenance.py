@@ -10,8 +10,8 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from conftest import FAST
-from sweeplab.provenance import code_state, environment_tags, md5_of_files
-from sweeplab.task import run
+from sweeplab.run.task import run
+from sweeplab.tracking.provenance import code_state, environment_tags, md5_of_files
 
 
 def _git(repo: Path, *args: str) -> None:

@@ -2,7 +2,7 @@
 
 from hydra import compose
 
-from sweeplab.record import config_hash, not_result_keys
+from sweeplab.tracking.tags import config_hash, not_result_keys
 
 
 def test_run_names_leave_out_exactly_the_keys_that_do_not_change_results(compose_cfg) -> None:

@@ -11,9 +11,9 @@ from torch import nn
 
 from conftest import FAST
 from sweeplab import CONFIG_MODULE
-from sweeplab.errors import ConfigError
+from sweeplab.config.errors import ConfigError
 from sweeplab.models import MODELS
-from sweeplab.task import run
+from sweeplab.run.task import run
 
 
 @MODELS.register("test_wide_logreg")

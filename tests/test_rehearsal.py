@@ -8,11 +8,12 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CUDA, FAST, training_state
-from sweeplab import rehearsal, warmup
-from sweeplab.interrupt import SignalGuard
-from sweeplab.stack import StackedModel
-from sweeplab.stacked_train import Member, fit_stack, stack
-from sweeplab.train import fit
+from sweeplab.stacking.loop import Member, fit_stack, stack
+from sweeplab.stacking.model import StackedModel
+from sweeplab.stacking.rehearsal import stacked as stacked_rehearsal
+from sweeplab.training import first_uses, rehearsal
+from sweeplab.training.interrupt import SignalGuard
+from sweeplab.training.loop import fit
 
 # 600 synthetic samples: 360 train (5 batches of 64, then 40), 90 val (64, 26), 150 test (64, 64, 22)
 SHAPED = [*FAST, "model=mlp", "model.dropout=0.25", "trainer.eval_batch_size=64"]
@@ -68,7 +69,7 @@ def test_a_stack_is_rehearsed_on_its_batch_shapes_and_left_untouched(compose_cfg
     members = copy.deepcopy([s.model.state_dict() for s in states])
     rng = _rng()
 
-    rehearsal.stacked(together, data, OmegaConf.to_object(cfgs[0].trainer))()
+    stacked_rehearsal(together, data, OmegaConf.to_object(cfgs[0].trainer))()
 
     assert sorted(shapes) == [(3, 40), (3, 64)]
     assert _same({n: p.detach() for n, p in together[0].params.items()}, params)
@@ -91,8 +92,8 @@ def test_a_rehearsed_cuda_run_trains_as_an_unrehearsed_one(compose_cfg) -> None:
     for rehearsed in (False, True):
         state, data = training_state(cfg, "cuda")
         if rehearsed:
-            warmup.rehearse(rehearsal.solo(state, data, trainer))
-            warmup.wait()
+            first_uses.rehearse(rehearsal.solo(state, data, trainer))
+            first_uses.wait()
         histories.append(fit(state, data, trainer, lambda rows: None, SignalGuard()))
     assert (histories[0].step_loss == histories[1].step_loss).all()
     assert histories[0].val_acc == histories[1].val_acc
@@ -109,8 +110,8 @@ def test_a_rehearsed_cuda_stack_trains_as_an_unrehearsed_one(compose_cfg, optimi
         states = [first, *(training_state(cfg, "cuda", data)[0] for cfg in cfgs[1:])]
         together = stack(states, data.in_features)
         if rehearsed:
-            warmup.rehearse(rehearsal.stacked(together, data, trainer))
-            warmup.wait()
+            first_uses.rehearse(stacked_rehearsal(together, data, trainer))
+            first_uses.wait()
         members = [Member(s, lambda rows: None, _raise) for s in states]
         fit_stack(members, together, data, trainer, SignalGuard())
         losses.append(torch.stack([s.progress.step_loss for s in states]))

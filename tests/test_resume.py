@@ -12,10 +12,10 @@ import mlflow
 import pytest
 import torch
 
-from conftest import SWEEPLAB, run_cli
-from sweeplab.checkpoint import BEST, Checkpointer, load, load_latest, write_atomic
-from sweeplab.interrupt import Interrupted, SignalGuard
-from sweeplab.schema import CheckpointConfig
+from conftest import run_cli, start_cli
+from sweeplab.config.schema import CheckpointConfig
+from sweeplab.run.checkpoint import BEST, Checkpointer, load, load_latest, write_atomic
+from sweeplab.training.interrupt import Interrupted, SignalGuard
 
 QUIET = ["tracking.figures=false", "tracking.log_model=false", "device=cpu"]
 # ~1 s epochs on this data: long enough to be interrupted part-way through one
@@ -46,26 +46,12 @@ def _history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def _start(args: list[str], cwd: Path, until: str, count: int = 1, **popen) -> tuple[subprocess.Popen, str]:
-    """Start the CLI and return once ``until`` has appeared ``count`` times in its log."""
-    process = subprocess.Popen(
-        [str(SWEEPLAB), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
-    )
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if sum(until in s for s in seen) >= count:
-            return process, "".join(seen)
-    process.wait()
-    pytest.fail(f"the run ended before {until!r} was logged:\n" + "".join(seen)[-3000:])
-
-
 def test_sigint_checkpoints_kills_run_and_resume_matches_uninterrupted(tmp_path: Path, store: str) -> None:
     reference = run_cli(SLOW, cwd=tmp_path)
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
     (uninterrupted,) = _runs(store)
 
-    process, _ = _start(SLOW, tmp_path, until="epoch 2/4")
+    process, _ = start_cli(SLOW, tmp_path, until="epoch 2/4")
     process.send_signal(signal.SIGINT)
     rest, _ = process.communicate(timeout=120)
     assert process.returncode == 130, rest
@@ -101,7 +87,7 @@ def test_sigint_checkpoints_kills_run_and_resume_matches_uninterrupted(tmp_path:
 KILL_DURING_WRITE = textwrap.dedent(
     """
     import os, sys
-    import sweeplab.checkpoint as checkpoint
+    import sweeplab.run.checkpoint as checkpoint
 
     writes = []
 
@@ -112,7 +98,7 @@ KILL_DURING_WRITE = textwrap.dedent(
         os.replace(tmp, path)
 
     checkpoint._publish = publish
-    from sweeplab.cli import main
+    from sweeplab.cli.train import main
 
     sys.argv = ["sweeplab", *sys.argv[1:]]
     main()
@@ -183,7 +169,7 @@ def test_interrupted_sweep_resumes_its_job_and_parent(tmp_path: Path, store: str
         "trainer.epochs=2",
         *QUIET,
     ]
-    process, _ = _start(sweep, tmp_path, until="#2 : ")
+    process, _ = start_cli(sweep, tmp_path, until="#2 : ")
     for line in process.stdout:  # job 3 has started training: stop it in its second epoch
         if "epoch 1/2" in line:
             break
@@ -227,7 +213,7 @@ def test_ctrl_c_on_a_fork_sweep_stops_running_jobs_cleanly_and_starts_no_more(
         *QUIET,
     ]
     # its own session, so that the Ctrl-C can go to the whole process group as a terminal's does
-    process, _ = _start(sweep, tmp_path, until="epoch 1/2", start_new_session=True)
+    process, _ = start_cli(sweep, tmp_path, until="epoch 1/2", start_new_session=True)
     os.killpg(process.pid, signal.SIGINT)
     rest, _ = process.communicate(timeout=120)
     assert process.returncode != 0, rest
@@ -254,7 +240,7 @@ def test_a_fork_sweep_survives_a_killed_worker_and_a_rerun_resumes_its_job(
     """kill -9 of one job's process (what the OOM killer does): the job's run ends KILLED, the
     other jobs run, the parent ends KILLED with the counts, and a re-run resumes that job."""
     sweep = ["-m", "hydra/launcher=fork", "hydra.launcher.n_jobs=1", "seed=0,1,2", *SLOW]
-    process, seen = _start(sweep, tmp_path, until="epoch 1/4")
+    process, seen = start_cli(sweep, tmp_path, until="epoch 1/4")
     os.kill(int(re.search(r"#0 started in process (\d+)", seen).group(1)), signal.SIGKILL)
     rest, _ = process.communicate(timeout=300)
     assert process.returncode == 0, seen + rest
@@ -288,7 +274,7 @@ def test_a_joblib_sweep_whose_worker_is_killed_leaves_nothing_running_and_resume
     """joblib gives up on the whole batch when a worker dies: the launching process still ends
     the parent and the jobs left running KILLED, and the same command resumes the sweep."""
     sweep = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1,2", *SLOW]
-    process, seen = _start(sweep, tmp_path, until="epoch 1/4")
+    process, seen = start_cli(sweep, tmp_path, until="epoch 1/4")
     workers = subprocess.run(
         ["pgrep", "-P", str(process.pid), "-f", "LokyProcess"], capture_output=True, text=True
     ).stdout.split()
@@ -328,7 +314,7 @@ def test_checkpointer_keeps_newest_and_best_and_writes_atomically(
     def die(tmp: Path, path: Path) -> None:
         raise KeyboardInterrupt  # stopped between the temp write and the rename
 
-    monkeypatch.setattr("sweeplab.checkpoint._publish", die)
+    monkeypatch.setattr("sweeplab.run.checkpoint._publish", die)
     with pytest.raises(KeyboardInterrupt):
         write_atomic(state(7), tmp_path / "epoch6-step60.pt")
     assert load(tmp_path / "epoch6-step60.pt")["epoch"] == 6

@@ -10,9 +10,9 @@ from mlflow.utils import requirements_utils
 
 from conftest import FAST
 from sweeplab.data import load_data
-from sweeplab.task import run
-from sweeplab.tracking import ModelFiles
-from sweeplab.train import evaluate
+from sweeplab.run.task import run
+from sweeplab.tracking.store import ModelFiles
+from sweeplab.training.loop import evaluate
 
 FIGURES = {"samples", "curves", "pca_input", "pca_hidden1", "pca_hidden2", "confusion_matrix"}
 EPOCH_METRICS = {

@@ -5,7 +5,7 @@ import json
 import mlflow
 import pytest
 
-from sweeplab import runs_cli
+from sweeplab.cli import runs as runs_cli
 
 RUNS = [  # name, model, lr, val/acc, status
     ("a", "logreg", "0.1", 0.80, "FINISHED"),

@@ -17,17 +17,18 @@ from omegaconf import OmegaConf
 
 from conftest import CUDA, SWEEPLAB, host_never_waits, run_cli, training_state
 from frozen_graphs import FrozenGraphs
-from sweeplab import stacked_train
 from sweeplab.data import Data, load_data
-from sweeplab.interrupt import SignalGuard
 from sweeplab.models import MLP, MODELS
 from sweeplab.optimizers import OPTIMIZERS
 from sweeplab.schedulers import SCHEDULERS
-from sweeplab.stack import NotStackable, StackedModel, stack_optimizers
-from sweeplab.stacked_train import Member, fit_stack, make_stacked_steps, stack
-from sweeplab.stacking import group, stackable
-from sweeplab.summary import objective_vs
-from sweeplab.train import evaluate
+from sweeplab.stacking import loop as stacked_train
+from sweeplab.stacking.grouping import group, stackable
+from sweeplab.stacking.loop import Member, fit_stack, make_stacked_steps, stack
+from sweeplab.stacking.model import NotStackable, StackedModel
+from sweeplab.stacking.optimizers import stack_optimizers
+from sweeplab.sweep.summary import objective_vs
+from sweeplab.training.interrupt import SignalGuard
+from sweeplab.training.loop import evaluate
 
 STACKED = ["-m", "hydra/launcher=stacked"]
 FORK = ["-m", "hydra/launcher=fork", "hydra.launcher.n_jobs=2"]

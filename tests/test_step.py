@@ -16,12 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from conftest import CUDA, host_never_waits, training_state
 from frozen_graphs import CannotCapture, FrozenGraphs
-from sweeplab import train as train_module
+from sweeplab.config.errors import ConfigError
 from sweeplab.data import Data
-from sweeplab.errors import ConfigError
-from sweeplab.interrupt import Interrupted, SignalGuard
-from sweeplab.state import TrainingState
-from sweeplab.step import (
+from sweeplab.training import loop as train_module
+from sweeplab.training.interrupt import Interrupted, SignalGuard
+from sweeplab.training.loop import fit
+from sweeplab.training.state import TrainingState
+from sweeplab.training.steps import (
     EagerStep,
     GraphCaptureError,
     GraphSteps,
@@ -30,7 +31,6 @@ from sweeplab.step import (
     make_capturable,
     make_steps,
 )
-from sweeplab.train import fit
 
 
 class StopAfter(SignalGuard):
@@ -199,7 +199,7 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_under_auto_and_fails_unde
     order = torch.arange(1400)  # the 1400 training samples in order
     before = [p.clone() for p in state.model.parameters()]
     step.begin(order, 0, 0)
-    with caplog.at_level(logging.WARNING, "sweeplab.step"):
+    with caplog.at_level(logging.WARNING, "sweeplab.training.steps"):
         for i in range(4):
             step(i, i)
     assert isinstance(step, GraphSteps) and step.failed
@@ -222,7 +222,7 @@ def test_a_schedule_that_cycles_momentum_is_not_captured(
 ) -> None:
     """One-cycle sets the momentum every step; a graph would keep the captured value."""
     _, _, steps = _steps(compose_cfg([*SMALL, "scheduler=onecycle"]), FrozenGraphs())
-    with caplog.at_level(logging.INFO, "sweeplab.step"):
+    with caplog.at_level(logging.INFO, "sweeplab.training.steps"):
         assert type(steps("auto")) is Steps  # eager
     assert "OneCycleLR changes the momentum every step" in caplog.text
     with pytest.raises(ConfigError, match="use trainer.cuda_graph=auto or false"):

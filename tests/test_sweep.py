@@ -234,7 +234,7 @@ def test_sweep_against_a_tracking_server(tmp_path: Path, monkeypatch: pytest.Mon
 def test_a_killed_run_whose_config_finished_later_is_not_left_to_resume() -> None:
     """A job killed before its first checkpoint trains again in a new run: the old KILLED run
     no longer keeps the sweep's parent KILLED."""
-    from sweeplab.summary import unfinished_killed
+    from sweeplab.sweep.summary import unfinished_killed
 
     table = pd.DataFrame(
         {"status": ["KILLED", "FINISHED", "KILLED", "FAILED"], "config_hash": ["a", "a", "b", "c"]}

@@ -1,5 +1,5 @@
 """``python -m sweeplab``: the same as the ``sweeplab`` command."""
 
-from sweeplab.commands import sweeplab
+from sweeplab.cli import sweeplab
 
 sweeplab()

@@ -3,7 +3,7 @@
 Builders return whole train/test arrays; ``load_data`` carves a fixed validation split from the
 training set and moves every split to the device once, as float tensors, so an epoch is a
 ``randperm`` and slicing, never a per-sample ``Dataset.__getitem__``. Builders import their
-libraries (torchvision, scikit-learn) themselves: importing both costs the CLI ~2.5 s of
+libraries (torchvision, scikit-learn) themselves: importing both costs the CLI seconds of
 start-up, which a config error or a synthetic-data run should not pay.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from sweeplab.errors import ConfigError, require
-from sweeplab.registry import NamedConfig, Registry
+from sweeplab.config.errors import ConfigError, require
+from sweeplab.config.registry import NamedConfig, Registry
 
 
 @dataclasses.dataclass
@@ -129,8 +129,8 @@ IDX_FILES = {
 
 
 def _idx_split(name: str, root: str, train: bool, download: bool) -> tuple[Split, list[Path]]:
-    """One split of an MNIST-format dataset, read from its raw IDX files. torchvision (whose
-    import costs ~0.5 s) is asked only for what is missing: it downloads the files, or says
+    """One split of an MNIST-format dataset, read from its raw IDX files. torchvision (slow to
+    import) is asked only for what is missing: it downloads the files, or says
     they cannot be had, which becomes advice."""
     raw = Path(root) / name / "raw"
     used = [raw / file for file in IDX_FILES[train]]

@@ -2,7 +2,7 @@
 
 Every model takes ``(in_features, n_classes)`` positionally and its YAML keys as keyword-only
 arguments, and lists in ``representation_layers`` the submodules whose outputs are hidden
-representations worth plotting (read with forward hooks, see ``sweeplab.representations``).
+representations worth plotting (read with forward hooks, see ``sweeplab.tracking.representations``).
 """
 
 from collections import OrderedDict
@@ -11,9 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sweeplab.errors import ConfigError, require
-from sweeplab.registry import Registry
-from sweeplab.stack import StackedModel, linear
+from sweeplab.config.errors import ConfigError, require
+from sweeplab.config.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
 
@@ -48,10 +47,6 @@ class LogisticRegression(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b, x.flatten(1), self.W)
-
-    def stacked_forward(self, stacked: StackedModel, x: torch.Tensor) -> torch.Tensor:
-        """Every member of a stack at once (``sweeplab.stack``): ``x`` is (members, batch, features)."""
-        return linear(x, stacked.param("W").transpose(1, 2), stacked.param("b"))
 
 
 @MODELS.register("mlp")
@@ -102,7 +97,3 @@ class MLP(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.flatten(1))
-
-    def stacked_forward(self, stacked: StackedModel, x: torch.Tensor) -> torch.Tensor:
-        """Every member of a stack at once (``sweeplab.stack``): ``x`` is (members, batch, features)."""
-        return stacked.sequence(self, x)

@@ -5,8 +5,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from sweeplab.errors import require
-from sweeplab.registry import Registry
+from sweeplab.config.errors import require
+from sweeplab.config.registry import Registry
 
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 

@@ -3,8 +3,8 @@
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LRScheduler, OneCycleLR, StepLR
 
-from sweeplab.errors import require
-from sweeplab.registry import Registry
+from sweeplab.config.errors import require
+from sweeplab.config.registry import Registry
 
 SCHEDULERS: Registry[LRScheduler] = Registry("scheduler")
 

@@ -1,21 +1,19 @@
 """``hydra/launcher=stacked``: the jobs of a sweep batch that differ only in stackable keys
-train together as one program (``sweeplab.stacked_task``), each still an ordinary job and run.
+train together as one program (``sweeplab.stacking.task``), each still an ordinary job and run.
 
 Every job is set up by Hydra's own ``run_job`` (its output folder, ``.hydra/`` and callbacks),
 with a task that only captures the composed config; the batch is then split into stacks
-(``sweeplab.stacking``), which train one after another in this process. A stack of one trains
+(``sweeplab.stacking.grouping``), which train one after another in this process. A stack of one trains
 as a plain job. Log lines of the training go to the console and to ``<sweep dir>/stacked.log``.
 """
 
 import copy
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
@@ -23,16 +21,6 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict, read_write
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class StackedLauncherConf:
-    _target_: str = "hydra_plugins.sweeplab_launcher.stacked_launcher.StackedLauncher"
-
-
-ConfigStore.instance().store(
-    group="hydra/launcher", name="stacked", node=StackedLauncherConf, provider="sweeplab"
-)
 
 
 class StackedLauncher(Launcher):
@@ -45,11 +33,11 @@ class StackedLauncher(Launcher):
         self._composed = _KeepCompositions(hydra_context.config_loader)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from sweeplab.errors import ConfigError
-        from sweeplab.interrupt import Interrupted, SignalGuard
-        from sweeplab.stacked_task import run_stack
-        from sweeplab.stacking import group, shape_id
-        from sweeplab.train import DivergedError
+        from sweeplab.config.errors import ConfigError
+        from sweeplab.stacking.grouping import group, shape_id
+        from sweeplab.stacking.task import run_stack
+        from sweeplab.training.interrupt import Interrupted, SignalGuard
+        from sweeplab.training.loop import DivergedError
 
         setup_globals()
         assert self.config is not None
@@ -81,7 +69,7 @@ class StackedLauncher(Launcher):
 
     def _prepare(self, idx: int, overrides: list[str]) -> JobReturn:
         """Hydra's job set-up for one member: its output folder, ``.hydra/``, its callbacks."""
-        from sweeplab.cli import current_job
+        from sweeplab.config.job import current_job
 
         assert self.config is not None and self.hydra_context is not None
         sweep_config = self._composed.take(self.config, overrides)
@@ -112,7 +100,7 @@ class _KeepCompositions:
     """Hydra's sweepers compose every job of a batch to validate it right before launching it
     (``Sweeper.validate_batch_is_legal``); a stack's jobs are set up in this process, so each of
     those compositions is kept for the launcher instead of composing the job a second time
-    (~0.1 s a job). Each one is handed out once, and only for a job's exact overrides."""
+    (a fraction of a second a job). Each one is handed out once, and only for a job's exact overrides."""
 
     def __init__(self, loader: Any) -> None:
         self._compose = loader.load_sweep_config
