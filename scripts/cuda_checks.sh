@@ -87,7 +87,7 @@ step anatomy_unrehearsed 120 python "$repo/scripts/cuda_anatomy.py" --device "$d
 
 if python -c 'import pytest' 2> /dev/null; then
   step cuda_tests 180 bash -c "cd '$repo' && python -m pytest -q -p no:cacheprovider -rs \
-    tests/test_step.py tests/test_stacked.py tests/test_warmup.py tests/test_rehearsal.py -k cuda"
+    tests/test_step.py tests/test_stacked.py tests/test_first_uses.py tests/test_rehearsal.py -k cuda"
   tail -3 cuda_tests.log
 else
   echo "pytest not installed: CUDA-only tests not run"

@@ -28,7 +28,7 @@ def start(device: torch.device) -> None:
     workers afterwards, which could not use a context made before)."""
     global _thread
     if _thread is None:
-        _thread = threading.Thread(target=_prepare, args=(device,), name="warmup", daemon=True)
+        _thread = threading.Thread(target=_prepare, args=(device,), name="first-uses", daemon=True)
         _thread.start()
 
 
