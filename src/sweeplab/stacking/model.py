@@ -27,10 +27,10 @@ class StackedModel:
     """The members' parameters and buffers as stacked tensors, and their forward, batched.
 
     A model whose type has a stacked form runs it: batched matrix products over the stacked
-    weights (``layers`` knows Linear, LayerNorm, Dropout with each
-    member's rate, the activations, Sequential). Any other model, or one with a layer ``layers``
-    does not know (BatchNorm), runs its own ``forward`` per member under ``torch.vmap`` (generic,
-    slower on CPU); one that vmap cannot run either is ``NotStackable``.
+    weights (``layers`` knows Linear, LayerNorm, Dropout with each member's rate, the
+    activations, Sequential). Any other model, or one with a layer ``layers`` does not know
+    (BatchNorm), runs its own ``forward`` per member under ``torch.vmap`` (generic, slower on
+    CPU); one that vmap cannot run either is ``NotStackable``.
     """
 
     def __init__(self, members: list[nn.Module], in_features: int) -> None:
